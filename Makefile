@@ -1,0 +1,42 @@
+# Two commands for a new user (see README.md):
+#   make serve   environment + sample studies + MONAI Label server with the EVLF app (offline demo model)
+#   make test    environment + the default test run (what CI runs)
+# The environment is (re)built when setup.cfg or pyproject.toml change.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+STUDIES ?= sample-data
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CONF ?=
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+
+.PHONY: env sample-data serve test lint format
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --editable ".[test]"
+	touch $@
+
+sample-data: $(STUDIES)/.complete
+
+$(STUDIES)/.complete: | $(VENV)/.installed
+	$(BIN)/evlf make-sample-data $(STUDIES) --dicom
+	touch $@
+
+serve: env sample-data
+	$(BIN)/monailabel start_server --app apps/evlf --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
+
+test: env
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: env
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: env
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
