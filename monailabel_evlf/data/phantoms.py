@@ -1,0 +1,487 @@
+"""Synthetic abdominal CT phantoms with exactly known lesions, for tests, demos and few-shot training runs.
+
+Anatomy and lesions are analytic shapes in patient space (LPS mm) evaluated at the world position of every
+voxel centre (``affine @ (i, j, k, 1)``), so the liver stays on the patient's right (LPS ``x < 0``) and the
+spleen on the left whatever the direction cosines of the grid (identity, flipped, oblique). The ground truth
+(boxes in voxel, slice and world coordinates) is measured from the rasterised lesion masks, i.e. it is what a
+reader of the written files sees. Layout and sidecar schema: docs/sample-data.md; coordinates:
+docs/conventions.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.transform import Rotation
+
+from monailabel_evlf.imaging.geometry import VoxelBox, lps_to_ras, spacing, voxel_box_to_world, voxel_to_world
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+LESION_KINDS: tuple[str, ...] = ("cyst", "hyperdense lesion", "ring-enhancing lesion")
+# organ_map value = index + 1
+ORGANS: tuple[str, ...] = ("liver", "spleen", "right kidney", "left kidney")
+ORIENTATIONS: tuple[str, ...] = ("identity", "flipped", "oblique")
+NORMAL_LABEL = "normal"
+DEFAULT_SHAPE: tuple[int, int, int] = (96, 96, 40)
+GROUND_TRUTH_DIR = "ground_truth"
+DICOM_DIR = "dicom"
+
+AIR_HU = -1000.0
+_MIN_SHAPE = 8
+_MAX_PLACEMENT_TRIES = 60
+_MIN_LESION_VOXELS = 8
+# lesion diameter range (mm); kidneys are small hosts
+_DIAMETER_MM = {
+    "liver": (16.0, 40.0),
+    "spleen": (14.0, 30.0),
+    "right kidney": (14.0, 26.0),
+    "left kidney": (14.0, 26.0),
+}
+_LOBULATION = {"cyst": 0.0, "hyperdense lesion": 0.15, "ring-enhancing lesion": 0.06}
+_ORGAN_HU = {"liver": (55.0, 65.0), "spleen": (44.0, 50.0), "right kidney": (30.0, 36.0), "left kidney": (30.0, 36.0)}
+
+
+@dataclass(frozen=True)
+class Ellipsoid:
+    """An ellipsoid in LPS mm; ``rotation`` columns are its axes (world directions)."""
+
+    center: np.ndarray
+    semi_axes: np.ndarray
+    rotation: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+    def local(self, points: np.ndarray) -> np.ndarray:
+        """Points (..., 3) in units of the semi-axes, in the ellipsoid's own frame (inside: norm < 1)."""
+        return ((points - self.center) @ self.rotation) / self.semi_axes
+
+    def radius(self, points: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(self.local(points), axis=-1)
+
+
+@dataclass
+class Phantom:
+    """One synthetic study: arrays in the stored voxel order ``(I, J, K)`` and their voxel-centre -> LPS affine."""
+
+    image: np.ndarray  # float32 HU (integer valued, so int16 storage is lossless)
+    affine: np.ndarray  # 4x4 float64, voxel centre index -> LPS mm
+    labelmap: np.ndarray  # int16, lesion ids 1..n as in ground_truth["lesions"][n - 1]["id"], 0 elsewhere
+    ground_truth: dict[str, Any]  # the sidecar JSON content (docs/sample-data.md)
+    organ_map: np.ndarray  # int16, ORGANS index + 1 where that organ is visible, 0 elsewhere (not written)
+
+
+def _check_choices(name: str, values: Sequence[str] | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if values is None:
+        return allowed
+    if isinstance(values, str):
+        raise ValueError(f"{name} must be a sequence of names, not the string {values!r}")
+    values = tuple(values)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown or not values:
+        raise ValueError(f"{name} must be a non-empty subset of {list(allowed)}, got {list(values)}")
+    return values
+
+
+def _random_rotation(rng: np.random.Generator, min_deg: float, max_deg: float) -> np.ndarray:
+    axis = rng.normal(size=3)
+    angle = np.deg2rad(rng.uniform(min_deg, max_deg))
+    return Rotation.from_rotvec(axis / np.linalg.norm(axis) * angle).as_matrix()
+
+
+def _make_affine(
+    rng: np.random.Generator, shape: tuple[int, int, int], orientation: str, fov_center: np.ndarray
+) -> np.ndarray:
+    """Anisotropic spacing (rectangular in-plane pixels, thicker slices), a direction matrix of the requested
+    kind (always right-handed, so DICOM readers keep the slice order) and the grid centred on ``fov_center``."""
+    spacing_i = round(rng.uniform(340.0, 400.0) / shape[0], 3)
+    voxel_spacing = np.array(
+        [spacing_i, round(spacing_i * rng.uniform(0.92, 1.08), 3), round(rng.uniform(190.0, 230.0) / shape[2], 3)]
+    )
+    if orientation == "identity":
+        directions = np.eye(3)
+    elif orientation == "flipped":  # stored like a RAS+ NIfTI: i runs to patient Right, j to Anterior
+        directions = np.diag([-1.0, -1.0, 1.0])
+    elif orientation == "oblique":
+        directions = _random_rotation(rng, 10.0, 25.0)
+    else:
+        raise ValueError(f"orientation must be one of {list(ORIENTATIONS)}, got {orientation!r}")
+    affine = np.eye(4)
+    affine[:3, :3] = directions * voxel_spacing
+    affine[:3, 3] = fov_center - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    # the NIfTI sform is float32: keep exactly what a reader of the file gets
+    return affine.astype(np.float32).astype(np.float64)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Correlated Gaussian noise with unit standard deviation (organ texture, fat/bowel mixture)."""
+    noise = gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    return noise / max(float(noise.std()), 1e-6)
+
+
+def _organ_shapes(rng: np.random.Generator, center: np.ndarray) -> dict[str, Ellipsoid]:
+    """Organ ellipsoids around the anatomy centre ``center`` (body midline, roughly at the L1 level)."""
+
+    def jitter(values, rel=0.08):
+        return np.asarray(values, dtype=float) * rng.uniform(1 - rel, 1 + rel, size=3)
+
+    def tilt(deg):
+        return _random_rotation(rng, 0.0, deg)
+
+    right_kidney_z, left_kidney_z = rng.uniform(-30.0, -15.0), rng.uniform(-20.0, -5.0)
+    return {
+        "liver": Ellipsoid(center + jitter([-68.0, -8.0, 35.0], 0.06), jitter([78.0, 82.0, 68.0]), tilt(12.0)),
+        "spleen": Ellipsoid(center + jitter([88.0, 45.0, 40.0], 0.06), jitter([30.0, 55.0, 48.0]), tilt(20.0)),
+        "right kidney": Ellipsoid(
+            center + np.array([-68.0, 58.0, right_kidney_z]), jitter([27.0, 30.0, 52.0]), tilt(15.0)
+        ),
+        "left kidney": Ellipsoid(
+            center + np.array([68.0, 58.0, left_kidney_z]), jitter([27.0, 30.0, 52.0]), tilt(15.0)
+        ),
+    }
+
+
+def _paint_anatomy(
+    rng: np.random.Generator, points: np.ndarray, center: np.ndarray, organs: dict[str, Ellipsoid]
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Noise-free HU and organ map. Later shapes overwrite earlier ones (liver last among the solid organs)."""
+    shape = points.shape[:3]
+    rel = points - center
+    image = np.full(shape, AIR_HU, dtype=np.float32)
+    organ_map = np.zeros(shape, dtype=np.int16)
+
+    body_axes = np.array([rng.uniform(140.0, 160.0), rng.uniform(105.0, 120.0)])
+    body_r = np.linalg.norm(rel[..., :2] / body_axes, axis=-1)
+    image[body_r < 1.0] = -100.0  # subcutaneous fat
+    image[body_r < 0.93] = 45.0  # abdominal wall muscle
+    bowel = _smooth_noise(rng, shape, 2.0) > 0.45
+    peritoneum = body_r < 0.88
+    image[peritoneum] = np.where(bowel[peritoneum], 25.0, -85.0)  # bowel loops in mesenteric fat
+
+    theta = np.arctan2(rel[..., 1] / body_axes[1], rel[..., 0] / body_axes[0])
+    ribs = (body_r > 0.86) & (body_r < 0.9) & (rel[..., 2] > -40.0) & (np.cos(14.0 * theta + 0.12 * rel[..., 2]) > 0.5)
+    image[ribs] = 450.0
+
+    for side in (-1.0, 1.0):
+        lung = Ellipsoid(center + np.array([side * 82.0, 15.0, 210.0]), np.array([65.0, 85.0, 135.0]))
+        image[(lung.radius(points) < 1.0) & peritoneum] = -850.0
+        paraspinal = np.linalg.norm((rel[..., :2] - [side * 38.0, 92.0]) / [28.0, 22.0], axis=-1) < 1.0
+        image[paraspinal & (body_r < 0.93)] = 50.0
+        psoas = (np.linalg.norm(rel[..., :2] - [side * 42.0, 55.0], axis=-1) < 17.0) & (rel[..., 2] < -10.0)
+        image[psoas] = 45.0
+
+    vertebra = np.linalg.norm(rel[..., :2] - [0.0, 62.0], axis=-1) < 19.0
+    disc = np.mod(rel[..., 2], 32.0) < 7.0
+    image[vertebra] = np.where(disc[vertebra], 85.0, 260.0)
+    image[np.linalg.norm(rel[..., :2] - [0.0, 92.0], axis=-1) < 8.0] = 15.0  # spinal canal
+    image[np.linalg.norm(rel[..., :2] - [14.0, 35.0], axis=-1) < 11.0] = 42.0  # aorta (unenhanced)
+    image[np.linalg.norm(rel[..., :2] - [-24.0, 28.0], axis=-1) < 12.0] = 38.0  # inferior vena cava
+
+    for name in ("right kidney", "left kidney"):  # perirenal fat sets the kidneys off from bowel
+        kidney = organs[name]
+        image[Ellipsoid(kidney.center, kidney.semi_axes + 12.0, kidney.rotation).radius(points) < 1.0] = -90.0
+
+    organ_hu = {}
+    for name in ("right kidney", "left kidney", "spleen", "liver"):
+        inside = organs[name].radius(points) < 1.0
+        organ_hu[name] = round(float(rng.uniform(*_ORGAN_HU[name])), 1)
+        image[inside] = organ_hu[name]
+        organ_map[inside] = ORGANS.index(name) + 1
+    return image, organ_map, organ_hu
+
+
+def _lesion_mask(
+    points: np.ndarray, shape: Ellipsoid, lobulation: float, phase: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inside mask and the relative radius (0 at the centre, 1 at the edge) of a possibly lobulated ellipsoid."""
+    local = shape.local(points)
+    rho = np.linalg.norm(local, axis=-1)
+    azimuth = np.arctan2(local[..., 1], local[..., 0])
+    elevation = local[..., 2] / np.maximum(rho, 1e-9)
+    edge = 1.0 + lobulation * np.sin(3.0 * azimuth + phase) * np.sqrt(np.clip(1.0 - elevation**2, 0.0, 1.0))
+    relative = rho / edge
+    return relative < 1.0, relative
+
+
+def _place_lesion(
+    rng: np.random.Generator,
+    points: np.ndarray,
+    kind: str,
+    organ: str,
+    host: Ellipsoid,
+    organ_map: np.ndarray,
+    labelmap: np.ndarray,
+) -> tuple[float, Ellipsoid, np.ndarray, np.ndarray] | None:
+    """Draw lesion shapes until one lies wholly in the visible host organ, inside the field of view (not on
+    its border) and clear of earlier lesions; ``None`` after :data:`_MAX_PLACEMENT_TRIES` draws."""
+    host_id = ORGANS.index(organ) + 1
+    border = np.ones(labelmap.shape, dtype=bool)
+    border[1:-1, 1:-1, 1:-1] = False
+    for _ in range(_MAX_PLACEMENT_TRIES):
+        diameter = float(rng.uniform(*_DIAMETER_MM[organ]))
+        semi_axes = diameter / 2.0 * rng.uniform(0.8, 1.0, size=3)
+        semi_axes[rng.integers(3)] = diameter / 2.0
+        direction = rng.normal(size=3)
+        offset = direction / np.linalg.norm(direction) * rng.uniform(0.0, 0.75) ** (1 / 3)
+        shape = Ellipsoid(
+            host.center + host.rotation @ (offset * host.semi_axes), semi_axes, _random_rotation(rng, 0, 180)
+        )
+        mask, relative = _lesion_mask(points, shape, _LOBULATION[kind], rng.uniform(0.0, 2 * np.pi))
+        if (
+            mask.sum() >= _MIN_LESION_VOXELS
+            and not np.any(border[mask])
+            and np.all(organ_map[mask] == host_id)
+            and not np.any(labelmap[mask])
+        ):
+            return diameter, shape, mask, relative
+    return None
+
+
+def _finding(kind: str, organ: str, diameter_mm: float, hu: float, rim_hu: float | None) -> str:
+    if kind == "cyst":
+        return f"Cyst in the {organ}: well-circumscribed, fluid attenuation (about {hu:.0f} HU), {diameter_mm:.0f} mm."
+    if kind == "hyperdense lesion":
+        return (
+            f"Hyperdense lesion in the {organ}: lobulated, about {hu:.0f} HU, {diameter_mm:.0f} mm, "
+            "compatible with haemorrhage."
+        )
+    return (
+        f"Ring-enhancing lesion in the {organ}: enhancing rim (about {rim_hu:.0f} HU) around a low-attenuation "
+        f"centre (about {hu:.0f} HU), {diameter_mm:.0f} mm, compatible with an abscess or necrotic tumour."
+    )
+
+
+def _round(values, ndigits: int = 4) -> list:
+    return np.round(np.asarray(values, dtype=float), ndigits).tolist()
+
+
+def _box_entries(mask: np.ndarray, affine: np.ndarray, label: str) -> dict[str, Any]:
+    """Voxel, world and per-slice boxes of one lesion mask, in edge coordinates (docs/conventions.md)."""
+    indices = np.argwhere(mask)
+    lo, hi = indices.min(axis=0), indices.max(axis=0) + 1
+    world = voxel_box_to_world(VoxelBox(lo=lo.astype(float), hi=hi.astype(float), label=label), affine)
+    bounds_min, bounds_max = world.bounds()
+    slice_boxes = []
+    for k in range(int(lo[2]), int(hi[2])):
+        ij = np.argwhere(mask[:, :, k])
+        (a1, b1), (a2, b2) = ij.min(axis=0), ij.max(axis=0) + 1
+        slice_boxes.append({"axis": 2, "index": k, "box": [int(a1), int(b1), int(a2), int(b2)]})
+    return {
+        "voxel_box": {"lo": lo.tolist(), "hi": hi.tolist()},
+        "world_box": {
+            "center": _round(world.center),
+            "size": _round(world.size),
+            "orientation": _round(world.orientation, 8),
+        },
+        "bounds_lps": {"min": _round(bounds_min), "max": _round(bounds_max)},
+        "slice_boxes": slice_boxes,
+    }
+
+
+def make_phantom(
+    seed: int | Sequence[int],
+    *,
+    shape: Sequence[int] = DEFAULT_SHAPE,
+    kinds: Sequence[str] | None = None,
+    organs: Sequence[str] | None = None,
+    n_lesions: int | None = None,
+    orientation: str | None = None,
+    study_id: str | None = None,
+) -> Phantom:
+    """Generate one abdominal CT study, fully determined by ``seed`` and the arguments.
+
+    ``kinds`` / ``organs`` restrict the lesion kinds and host organs (a distribution shift for experiments);
+    ``n_lesions`` defaults to 0-3 drawn at random, ``orientation`` (one of :data:`ORIENTATIONS`) to a random
+    one. A lesion that cannot be placed fully inside its host organ and the field of view is dropped (logged),
+    so ``ground_truth["lesions"]`` is always what the image shows.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < _MIN_SHAPE:
+        raise ValueError(f"shape must be three sizes >= {_MIN_SHAPE}, got {shape}")
+    kinds = _check_choices("kinds", kinds, LESION_KINDS)
+    organs = _check_choices("organs", organs, ORGANS)
+    if n_lesions is not None and n_lesions < 0:
+        raise ValueError(f"n_lesions must be >= 0, got {n_lesions}")
+    rng = np.random.default_rng(seed)
+    # always drawn, so giving the drawn value explicitly reproduces the same study
+    drawn_orientation, drawn_n_lesions = str(rng.choice(ORIENTATIONS)), int(rng.choice(4, p=[0.2, 0.4, 0.25, 0.15]))
+    orientation = orientation or drawn_orientation
+    n_lesions = drawn_n_lesions if n_lesions is None else n_lesions
+
+    # Patients lie head first supine on the table: body midline at x = 0, table height and level vary.
+    anatomy_center = np.array([0.0, round(rng.uniform(-30.0, 30.0), 1), round(rng.uniform(-250.0, 50.0), 1)])
+    fov_center = anatomy_center + np.round(rng.uniform([-10.0, -10.0, -15.0], [10.0, 10.0, 15.0]), 1)
+    affine = _make_affine(rng, shape, orientation, fov_center)
+    index = np.stack(np.meshgrid(*(np.arange(s, dtype=np.float64) for s in shape), indexing="ij"), axis=-1)
+    points = voxel_to_world(index + 0.5, affine)  # voxel centres
+
+    organ_shapes = _organ_shapes(rng, anatomy_center)
+    image, organ_map, organ_hu = _paint_anatomy(rng, points, anatomy_center, organ_shapes)
+    texture = _smooth_noise(rng, shape, 1.5)
+    solid = organ_map > 0
+    image[solid] += 6.0 * texture[solid]
+
+    labelmap = np.zeros(shape, dtype=np.int16)
+    lesions = []
+    for _ in range(n_lesions):
+        kind, organ = str(rng.choice(kinds)), str(rng.choice(organs))
+        placed = _place_lesion(rng, points, kind, organ, organ_shapes[organ], organ_map, labelmap)
+        if placed is None:
+            logger.info("seed %s: no room for a %s in the %s within the field of view; dropped", seed, kind, organ)
+            continue
+        diameter, shape_, mask, relative = placed
+        lesion_id = len(lesions) + 1
+        labelmap[mask] = lesion_id
+        rim_hu = None
+        if kind == "cyst":
+            hu = round(float(rng.uniform(0.0, 12.0)), 1)
+            image[mask] = hu
+        elif kind == "hyperdense lesion":
+            hu = round(float(rng.uniform(72.0, 92.0)), 1)
+            image[mask] = hu + 4.0 * texture[mask]
+        else:
+            hu, rim_hu = round(float(rng.uniform(10.0, 25.0)), 1), round(float(rng.uniform(110.0, 140.0)), 1)
+            image[mask] = np.where(relative[mask] > 0.62, rim_hu, hu) + 3.0 * texture[mask]
+        lesions.append(
+            {
+                "id": lesion_id,
+                "label": kind,
+                "organ": organ,
+                "finding": _finding(kind, organ, diameter, hu, rim_hu),
+                "center_lps": _round(shape_.center),
+                "diameter_mm": round(float(diameter), 1),
+                "attenuation_hu": hu,
+                "rim_attenuation_hu": rim_hu,
+                "voxel_count": int(mask.sum()),
+                **_box_entries(mask, affine, kind),
+            }
+        )
+
+    # partial-volume blur of the edges, then quantum noise; CT stores integer HU
+    image = gaussian_filter(image, 0.35)
+    noise_sd = rng.uniform(8.0, 14.0)
+    image += noise_sd * _smooth_noise(rng, shape, 0.4)
+    image = np.clip(np.rint(image), -1024.0, 3071.0).astype(np.float32)
+
+    diagnosis = sorted({lesion["label"] for lesion in lesions}) or [NORMAL_LABEL]
+    report = " ".join(lesion["finding"] for lesion in lesions) or "No focal lesion in the liver, spleen or kidneys."
+    ground_truth = {
+        "study_id": study_id,
+        "generator": {"name": __name__, "version": GENERATOR_VERSION, "seed": np.atleast_1d(seed).tolist()},
+        "modality": "CT",
+        "body_part": "abdomen",
+        "shape": list(shape),
+        "spacing": _round(spacing(affine), 6),
+        "orientation": orientation,
+        "affine_lps": affine.tolist(),
+        "anatomy_center_lps": _round(anatomy_center),
+        "organ_attenuation_hu": organ_hu,
+        "diagnosis": diagnosis,
+        "report": report,
+        "lesions": lesions,
+    }
+    return Phantom(image=image, affine=affine, labelmap=labelmap, ground_truth=ground_truth, organ_map=organ_map)
+
+
+def _write_nifti(array: np.ndarray, affine_lps: np.ndarray, path: pathlib.Path) -> None:
+    """NIfTI stores RAS: write the converted affine as both sform and qform (scanner-anatomical code)."""
+    image = nib.Nifti1Image(array, lps_to_ras(affine_lps))
+    image.set_sform(image.affine, code=1)
+    image.set_qform(image.affine, code=1)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)
+
+
+def save_phantom(phantom: Phantom, out_dir: str | pathlib.Path, *, dicom: bool = False) -> dict[str, Any]:
+    """Write one phantom in the sample-data layout (docs/sample-data.md); returns the sidecar as written."""
+    study_id = phantom.ground_truth.get("study_id")
+    if not study_id:
+        raise ValueError("phantom.ground_truth['study_id'] must be set to save a phantom")
+    out_dir = pathlib.Path(out_dir)
+    truth_dir = out_dir / GROUND_TRUTH_DIR
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    _write_nifti(phantom.image.astype(np.int16), phantom.affine, out_dir / f"{study_id}.nii.gz")
+    _write_nifti(phantom.labelmap, phantom.affine, truth_dir / f"{study_id}_lesions.nii.gz")
+    sidecar = {
+        **phantom.ground_truth,
+        "files": {
+            "image": f"{study_id}.nii.gz",
+            "lesion_labelmap": f"{GROUND_TRUTH_DIR}/{study_id}_lesions.nii.gz",
+            "dicom": None,
+        },
+        "dicom": None,
+    }
+    if dicom:
+        # imported here: pydicom is only needed when DICOM output is asked for
+        from monailabel_evlf.data.dicom_series import write_dicom_series
+
+        paths = write_dicom_series(
+            phantom.image,
+            phantom.affine,
+            out_dir / DICOM_DIR / study_id,
+            patient_id=study_id,
+            series_description=f"EVLF phantom {study_id}",
+            seed=phantom.ground_truth["generator"]["seed"],
+        )
+        import pydicom
+
+        first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        sidecar["files"]["dicom"] = f"{DICOM_DIR}/{study_id}"
+        sidecar["dicom"] = {
+            "study_instance_uid": first.StudyInstanceUID,
+            "series_instance_uid": first.SeriesInstanceUID,
+            "sop_instance_uids": [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths],
+        }
+    (truth_dir / f"{study_id}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def study_id_for(seed: int, index: int) -> str:
+    return f"phantom_s{seed}_{index:03d}"
+
+
+def write_sample_dataset(
+    out_dir: str | pathlib.Path,
+    n: int = 8,
+    seed: int = 0,
+    dicom: bool = False,
+    kinds: Sequence[str] | None = None,
+    organs: Sequence[str] | None = None,
+    shape: Sequence[int] = DEFAULT_SHAPE,
+) -> list[str]:
+    """Write ``n`` studies into ``out_dir`` (a MONAI Label local datastore folder) and return their ids.
+
+    Study ``index`` uses seed ``[seed, index]`` and cycles through :data:`ORIENTATIONS`, so every set of three
+    or more covers identity, flipped and oblique grids.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    study_ids = []
+    for index in range(n):
+        study_id = study_id_for(seed, index)
+        phantom = make_phantom(
+            [seed, index],
+            shape=shape,
+            kinds=kinds,
+            organs=organs,
+            orientation=ORIENTATIONS[index % len(ORIENTATIONS)],
+            study_id=study_id,
+        )
+        save_phantom(phantom, out_dir, dicom=dicom)
+        study_ids.append(study_id)
+    return study_ids
+
+
+def read_ground_truth(datastore_dir: str | pathlib.Path, study_id: str) -> dict[str, Any]:
+    """The sidecar of one study written by :func:`write_sample_dataset`."""
+    path = pathlib.Path(datastore_dir) / GROUND_TRUTH_DIR / f"{study_id}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no ground truth sidecar for study {study_id!r}: {path}")
+    return json.loads(path.read_text())
