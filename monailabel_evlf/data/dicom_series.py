@@ -20,7 +20,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 from pydicom.valuerep import DSfloat
 
 import monailabel_evlf
-from monailabel_evlf.imaging.geometry import direction, spacing
+from monailabel_evlf.imaging.geometry import affine_spacing_and_directions
 
 # Stored values are HU + 1024 in unsigned 16 bit, the usual CT encoding (air at -1024 HU stores as 0).
 RESCALE_INTERCEPT = -1024.0
@@ -37,14 +37,6 @@ def _ds(values: Sequence[float]) -> list[DSfloat]:
 def _uid(*parts: object) -> str:
     """Deterministic UID under pydicom's root: the same parts always give the same UID."""
     return generate_uid(entropy_srcs=[str(p) for p in parts])
-
-
-def _plane_geometry(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Spacing and unit directions; DICOM image planes need orthogonal row, column and slice axes."""
-    directions = direction(affine)
-    if not np.allclose(directions.T @ directions, np.eye(3), atol=1e-6):
-        raise ValueError("affine axes are not orthogonal; a DICOM series needs orthogonal row/column/slice axes")
-    return spacing(affine), directions
 
 
 def write_dicom_series(
@@ -76,7 +68,7 @@ def write_dicom_series(
             f"[{RESCALE_INTERCEPT}, {_STORED_MAX + RESCALE_INTERCEPT}]"
         )
     stored = stored.astype(np.uint16)
-    voxel_spacing, directions = _plane_geometry(affine)
+    voxel_spacing, directions = affine_spacing_and_directions(affine)  # DICOM planes need perpendicular axes
 
     seed_key = "-".join(str(s) for s in np.atleast_1d(seed))
     study_uid = study_instance_uid or _uid("evlf-phantom", seed_key, "study")

@@ -22,7 +22,13 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
-from monailabel_evlf.imaging.geometry import VoxelBox, lps_to_ras, spacing, voxel_box_to_world, voxel_to_world
+from monailabel_evlf.imaging.geometry import (
+    VoxelBox,
+    affine_spacing_and_directions,
+    lps_to_ras,
+    voxel_box_to_world,
+    voxel_to_world,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -378,7 +384,7 @@ def make_phantom(
         "modality": "CT",
         "body_part": "abdomen",
         "shape": list(shape),
-        "spacing": _round(spacing(affine), 6),
+        "spacing": _round(affine_spacing_and_directions(affine)[0], 6),
         "orientation": orientation,
         "affine_lps": affine.tolist(),
         "anatomy_center_lps": _round(anatomy_center),

@@ -91,7 +91,7 @@ def test_uids_follow_the_seed_and_explicit_uids_win(tmp_path):
         (np.zeros((2, 2, 2)), np.eye(3), "4x4"),
         (np.full((2, 2, 2), -2000.0), np.eye(4), "HU range"),
         (np.full((2, 2, 2), np.nan), np.eye(4), "NaN"),
-        (np.zeros((2, 2, 2)), np.array([[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), "orthogonal"),
+        (np.zeros((2, 2, 2)), np.array([[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), "sheared"),
         (np.zeros((2, 2, 2)), np.diag([1.0, 0.0, 1.0, 1.0]), "singular"),
     ],
 )

@@ -1,0 +1,125 @@
+"""Intensity windows: CT presets in HU and percentile windows for MR and other modalities, mapped to [0, 1].
+
+A vision-language model sees 8-bit pictures, so which HU range becomes grey matters as much as for a reader:
+a nodule is invisible in a brain window. Windows are resolved once per volume (percentiles over the whole volume,
+not per slice) so neighbouring slices keep the same contrast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+from monai.transforms import ScaleIntensityRange
+
+__all__ = [
+    "CT_WINDOWS",
+    "PercentileWindow",
+    "Window",
+    "apply_window",
+    "parse_window",
+    "window_bounds",
+]
+
+
+class Window(NamedTuple):
+    """A fixed window, ``level`` (centre) and ``width`` in image units (HU for CT)."""
+
+    level: float
+    width: float
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self.level - self.width / 2, self.level + self.width / 2
+
+
+class PercentileWindow(NamedTuple):
+    """A window from the volume's own intensity percentiles (MR, PET, X-ray: no absolute units)."""
+
+    lower: float = 0.5
+    upper: float = 99.5
+
+
+# Common reading-room values (level, width) in HU, as listed in Radiopaedia's "Windowing (CT)" article.
+CT_WINDOWS: dict[str, Window] = {
+    "lung": Window(-600.0, 1500.0),
+    "mediastinum": Window(50.0, 350.0),
+    "soft_tissue": Window(40.0, 400.0),
+    "abdomen": Window(40.0, 400.0),
+    "liver": Window(30.0, 150.0),
+    "bone": Window(400.0, 1800.0),
+    "brain": Window(40.0, 80.0),
+}
+
+WindowSpec = str | Window | PercentileWindow | tuple[float, float]
+
+
+def parse_window(spec: WindowSpec, modality: str = "CT") -> Window | PercentileWindow:
+    """Resolve a preset name, ``"auto"``, ``"percentile"`` / ``"percentile:1,99"``, ``"level,width"`` or a tuple.
+
+    ``"auto"`` is the soft-tissue window for CT and a 0.5-99.5 percentile window otherwise. Strings come from
+    configuration files, so they are parsed, never evaluated.
+    """
+    if isinstance(spec, Window | PercentileWindow):
+        window = spec
+    elif isinstance(spec, str):
+        window = _parse_window_string(spec.strip().lower(), modality)
+    elif isinstance(spec, Sequence) and len(spec) == 2:
+        window = Window(float(spec[0]), float(spec[1]))
+    else:
+        raise ValueError(f"cannot read a window from {spec!r}")
+    _check(window)
+    return window
+
+
+def _parse_window_string(text: str, modality: str) -> Window | PercentileWindow:
+    if text == "auto":
+        return CT_WINDOWS["soft_tissue"] if modality.upper() == "CT" else PercentileWindow()
+    if text in CT_WINDOWS:
+        return CT_WINDOWS[text]
+    if text.startswith("percentile"):
+        numbers = text.removeprefix("percentile").lstrip(":")
+        return PercentileWindow(*_numbers(numbers, text)) if numbers else PercentileWindow()
+    try:
+        return Window(*_numbers(text, text))
+    except ValueError:
+        raise ValueError(
+            f"unknown window {text!r}: use one of {sorted(CT_WINDOWS)}, 'auto', 'percentile[:lo,hi]' or 'level,width'"
+        ) from None
+
+
+def _numbers(text: str, spec: str) -> tuple[float, float]:
+    parts = [p for p in text.replace(" ", ",").split(",") if p]
+    if len(parts) != 2:
+        raise ValueError(f"window {spec!r} needs two numbers")
+    return float(parts[0]), float(parts[1])
+
+
+def _check(window: Window | PercentileWindow) -> None:
+    if not all(np.isfinite(window)):
+        raise ValueError(f"window values must be finite, got {window}")
+    if isinstance(window, Window) and window.width <= 0:
+        raise ValueError(f"window width must be positive, got {window.width}")
+    if isinstance(window, PercentileWindow) and not 0 <= window.lower < window.upper <= 100:
+        raise ValueError(f"percentiles need 0 <= lower < upper <= 100, got {window}")
+
+
+def window_bounds(array: np.ndarray, spec: WindowSpec = "auto", modality: str = "CT") -> tuple[float, float]:
+    """Intensity ``(low, high)`` that map to 0 and 1; percentiles are taken over all of ``array``."""
+    window = parse_window(spec, modality)
+    if isinstance(window, Window):
+        return window.bounds
+    # Bounds come from the whole volume while only a few slices get scaled, so MONAI's
+    # ScaleIntensityRangePercentiles (which scales the array it measures) does not fit here.
+    low, high = (float(v) for v in np.percentile(np.asarray(array), [window.lower, window.upper]))
+    return (low, high) if high > low else (low, low + 1.0)  # a constant image maps to 0, not NaN
+
+
+def apply_window(array: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """Scale ``array`` linearly so ``bounds`` map to [0, 1], clipped, as float32."""
+    low, high = bounds
+    if not high > low:
+        raise ValueError(f"window bounds need low < high, got {bounds}")
+    scaled = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)(array)
+    return np.asarray(scaled, dtype=np.float32)

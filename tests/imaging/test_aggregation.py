@@ -1,0 +1,97 @@
+"""Linking per-slice detections into 3D boxes, on hand-made detections with hand-computed answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monailabel_evlf.imaging.aggregation import link_slice_detections
+from monailabel_evlf.imaging.geometry import VoxelBox
+
+
+def _det(k: int, a1, b1, a2, b2, label="cyst", score=None, axis=2) -> VoxelBox:
+    """A one-slice detection on slice ``k`` along ``axis``; ``(a, b)`` are the remaining axes in order."""
+    lo, hi = [a1, b1], [a2, b2]
+    lo.insert(axis, k)
+    hi.insert(axis, k + 1)
+    return VoxelBox(lo=lo, hi=hi, label=label, score=score)
+
+
+# A lesion on slices 3, 4, 6, 7 (missed on 5); consecutive in-plane IoUs 0.83, 0.69, 0.64.
+LESION = [
+    _det(3, 10, 10, 20, 20, score=0.6),
+    _det(4, 9, 10, 21, 20, score=0.8),
+    _det(6, 10, 11, 20, 21, score=1.0),
+    _det(7, 11, 11, 19, 19, score=0.6),
+]
+
+
+def _key(box: VoxelBox) -> tuple:
+    return (*box.lo.tolist(), *box.hi.tolist(), box.label)
+
+
+def test_lesion_with_one_missed_slice_becomes_one_box() -> None:
+    (box,) = link_slice_detections(LESION, axis=2)
+    assert _key(box) == (9, 10, 3, 21, 21, 8, "cyst")  # union in-plane, slices 3..7 with the gap
+    assert box.score == pytest.approx(0.75)  # mean of 0.6, 0.8, 1.0, 0.6
+
+
+def test_median_extent() -> None:
+    (box,) = link_slice_detections(LESION, axis=2, extent="median")
+    assert _key(box) == (10, 10.5, 3, 20, 20, 8, "cyst")
+
+
+def test_single_slice_detections_are_dropped_unless_asked_for() -> None:
+    stray = _det(12, 40, 40, 45, 45, score=0.99)
+    assert [_key(b) for b in link_slice_detections([*LESION, stray], axis=2)] == [(9, 10, 3, 21, 21, 8, "cyst")]
+    kept = link_slice_detections([*LESION, stray], axis=2, min_slices=1)
+    assert [_key(b) for b in kept] == [(40, 40, 12, 45, 45, 13, "cyst"), (9, 10, 3, 21, 21, 8, "cyst")]
+
+
+def test_gap_longer_than_allowed_splits_the_track() -> None:
+    detections = [_det(k, 10, 10, 20, 20) for k in (0, 1, 4, 5)]
+    assert sorted(_key(b) for b in link_slice_detections(detections, axis=2)) == [
+        (10, 10, 0, 20, 20, 2, "cyst"),
+        (10, 10, 4, 20, 20, 6, "cyst"),
+    ]
+    (joined,) = link_slice_detections(detections, axis=2, max_gap=2)
+    assert _key(joined) == (10, 10, 0, 20, 20, 6, "cyst")
+
+
+def test_labels_and_places_are_kept_apart() -> None:
+    detections = [_det(k, 10, 10, 20, 20, label="cyst") for k in (0, 1, 2)]
+    detections += [_det(k, 10, 10, 20, 20, label="hyperdense lesion") for k in (1, 2)]
+    detections += [_det(k, 50, 50, 60, 60, label="cyst") for k in (0, 1)]
+    detections += [_det(0, 0, 0, 5, 5), _det(1, 6, 6, 11, 11)]  # neighbours that do not overlap: two strays
+    assert sorted(_key(b) for b in link_slice_detections(detections, axis=2)) == [
+        (10, 10, 0, 20, 20, 3, "cyst"),
+        (10, 10, 1, 20, 20, 3, "hyperdense lesion"),
+        (50, 50, 0, 60, 60, 2, "cyst"),
+    ]
+
+
+def test_duplicate_tracks_are_merged_by_3d_nms_keeping_the_better_one() -> None:
+    detections = [_det(k, 10, 10, 20, 20, score=0.9) for k in (0, 1, 2)]
+    detections += [_det(k, 11, 11, 21, 21, score=0.5) for k in (0, 1, 2)]
+    (box,) = link_slice_detections(detections, axis=2)
+    assert _key(box) == (10, 10, 0, 20, 20, 3, "cyst") and box.score == pytest.approx(0.9)
+    assert len(link_slice_detections(detections, axis=2, nms_threshold=0.9)) == 2
+
+
+def test_other_slice_axis_and_missing_scores() -> None:
+    detections = [_det(k, 2, 3, 4, 5, axis=0) for k in (7, 8)]
+    (box,) = link_slice_detections(detections, axis=0)
+    np.testing.assert_array_equal(box.lo, [7, 2, 3])
+    np.testing.assert_array_equal(box.hi, [9, 4, 5])
+    assert box.score == 1.0  # detections without a score count as certain
+
+
+def test_bad_input_raises_value_error() -> None:
+    thick = VoxelBox(lo=(0, 0, 0), hi=(1, 1, 2))
+    with pytest.raises(ValueError, match="not one whole slice"):
+        link_slice_detections([thick], axis=2)
+    with pytest.raises(ValueError, match="extent"):
+        link_slice_detections(LESION, axis=2, extent="mean")
+    with pytest.raises(ValueError, match="min_slices"):
+        link_slice_detections(LESION, axis=2, min_slices=0)
+    assert link_slice_detections([], axis=1) == []
