@@ -1,0 +1,124 @@
+"""User prompts for the three EVLF tasks and the target completions SFT trains on.
+
+The diagnosis wording is the paper's: the base prompt and its ten variants (Supplementary Table 4), used both for
+training (a random variant per sample) and for the prompt-consistency metric. Every answer is asked for as
+``<think>reasoning</think><answer>answer</answer>``; grounding answers hold ``{"label", "bbox_2d"}`` JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from monailabel_evlf.imaging.geometry import Box2D
+from monailabel_evlf.model.backend import BoxConvention
+from monailabel_evlf.tasks.box_format import encode_box
+
+SYSTEM_PROMPT = (
+    "You are a careful radiology assistant. Think step by step about the image, then answer. "
+    "Write your reasoning inside <think></think> and only the final answer inside <answer></answer>."
+)
+
+#: Supplementary Table 4: the base prompt (index 0) and its ten variants (1..10), verbatim.
+DIAGNOSIS_PROMPTS: tuple[str, ...] = (
+    "Analyze the given {modality} image for diagnosis.",
+    "Please perform diagnostic analysis on the provided {modality} image for diagnosis.",
+    "Given a {modality} scan, determine the correct diagnosis",
+    "Evaluate the following {modality} image for diagnosis",
+    "Assess the {modality} image and provide a diagnosis",
+    "Based on the {modality} image, identify the diagnosis",
+    "For this {modality} image, specify its diagnosis",
+    "Analyze the provided {modality} scan for diagnosis",
+    "Interpret the {modality} image to determine its diagnosis",
+    "Diagnose the given {modality} image",
+    "Use the {modality} image to establish its diagnosis",
+)
+NUM_PROMPT_VARIANTS = len(DIAGNOSIS_PROMPTS) - 1
+
+_MODALITY_NAMES = {
+    "CT": "CT",
+    "MR": "MRI",
+    "MRI": "MRI",
+    "CR": "X-ray",
+    "DX": "X-ray",
+    "XR": "X-ray",
+    "US": "ultrasound",
+    "PT": "PET",
+    "OCT": "OCT",
+}
+
+_BOX_WORDS = {
+    BoxConvention.ABSOLUTE_MODEL_INPUT: "as pixel coordinates of the image",
+    BoxConvention.NORMALIZED_1000: "scaled to 0-1000 of the image width and height",
+    BoxConvention.NORMALIZED_100: "scaled to 0-100 of the image width and height",
+}
+
+
+def modality_name(modality: str) -> str:
+    """DICOM modality code or common name -> the word used in prompts ("MR" -> "MRI")."""
+    return _MODALITY_NAMES.get(modality.strip().upper(), modality.strip() or "medical")
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
+def diagnosis_prompt(modality: str, labels: Sequence[str], variant: int = 0) -> str:
+    """The paper's diagnosis prompt (``variant`` 0 = base, 1..10 = Supplementary Table 4) with the choices."""
+    if not 0 <= variant <= NUM_PROMPT_VARIANTS:
+        raise ValueError(f"variant must be 0..{NUM_PROMPT_VARIANTS}, got {variant}")
+    prompt = _sentence(DIAGNOSIS_PROMPTS[variant].format(modality=modality_name(modality)))
+    if labels:
+        prompt += f" Choose one of: {', '.join(labels)}."
+    return prompt
+
+
+def grounding_prompt(
+    modality: str, target: str | None = None, convention: BoxConvention = BoxConvention.NORMALIZED_100
+) -> str:
+    """Ask for boxes around ``target`` (or around every abnormality when ``None``)."""
+    what = f"the {target}" if target else "every abnormality"
+    return (
+        f"Locate {what} in this {modality_name(modality)} image. Answer with JSON "
+        f'{{"label": ..., "bbox_2d": [x1, y1, x2, y2]}} for each finding, {_BOX_WORDS[convention]}.'
+    )
+
+
+def vqa_prompt(modality: str, question: str, closed_options: Sequence[str] | None = None) -> str:
+    """A question about the image; closed questions list their options."""
+    if not question.strip():
+        raise ValueError("a VQA prompt needs a question")
+    prompt = f"Look at this {modality_name(modality)} image. {_sentence(question)}"
+    if closed_options:
+        prompt += f" Options: {', '.join(closed_options)}."
+    return prompt
+
+
+def format_answer(reasoning: str, answer: str) -> str:
+    """The one answer layout every task uses."""
+    return f"<think>{reasoning.strip()}</think><answer>{answer.strip()}</answer>"
+
+
+def diagnosis_target(reasoning: str, label: str) -> str:
+    return format_answer(reasoning, label)
+
+
+def vqa_target(reasoning: str, answer: str) -> str:
+    return format_answer(reasoning, answer)
+
+
+def grounding_target(
+    reasoning: str,
+    boxes: Sequence[Box2D],
+    convention: BoxConvention,
+    image_size: tuple[int, int],
+    model_input_size: tuple[int, int] | None = None,
+) -> str:
+    """A correct grounding completion: one ``{"label", "bbox_2d"}`` object, or a JSON list when several."""
+    items = [
+        {"label": box.label or "", "bbox_2d": encode_box(box, convention, image_size, model_input_size)}
+        for box in boxes
+    ]
+    body = json.dumps(items[0] if len(items) == 1 else items, separators=(", ", ": "))
+    return format_answer(reasoning, body)

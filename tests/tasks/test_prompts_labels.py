@@ -1,0 +1,75 @@
+"""Prompts follow the paper's wording; targets parse back to their ground truth; labels match leniently/strictly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from monailabel_evlf.imaging.geometry import Box2D
+from monailabel_evlf.model.backend import BoxConvention
+from monailabel_evlf.tasks import prompts
+from monailabel_evlf.tasks.box_format import decode_box, encode_box
+from monailabel_evlf.tasks.labels import LabelMatcher, normalize
+from monailabel_evlf.tasks.parsing import parse_answer
+
+LABELS = ["cyst", "hyperdense lesion", "ring-enhancing lesion", "normal"]
+
+
+def test_base_prompt_and_ten_variants_are_the_papers():
+    assert prompts.NUM_PROMPT_VARIANTS == 10
+    assert prompts.diagnosis_prompt("CT", []) == "Analyze the given CT image for diagnosis."
+    assert prompts.diagnosis_prompt("MR", [], variant=9) == "Diagnose the given MRI image."
+    assert len({prompts.diagnosis_prompt("CT", LABELS, variant=v) for v in range(11)}) == 11
+    assert prompts.diagnosis_prompt("CT", LABELS).endswith(
+        "Choose one of: cyst, hyperdense lesion, ring-enhancing lesion, normal."
+    )
+    with pytest.raises(ValueError, match="variant"):
+        prompts.diagnosis_prompt("CT", LABELS, variant=11)
+
+
+def test_grounding_and_vqa_prompts_mention_what_they_ask():
+    assert "Locate the cyst in this CT image" in prompts.grounding_prompt("CT", "cyst")
+    assert "0-1000" in prompts.grounding_prompt("CT", None, BoxConvention.NORMALIZED_1000)
+    assert prompts.vqa_prompt("US", "Is there a lesion?", ["yes", "no"]).endswith(
+        "Is there a lesion? Options: yes, no."
+    )
+    with pytest.raises(ValueError):
+        prompts.vqa_prompt("CT", "  ")
+
+
+@pytest.mark.parametrize("convention", list(BoxConvention))
+def test_grounding_target_parses_back_to_its_boxes(convention):
+    size, seen = (96, 64), (448, 308)
+    truth = [Box2D(12, 8, 36, 40, label="cyst"), Box2D(48, 16, 90, 60, label="cyst")]
+    target = prompts.grounding_target("Two cysts.", truth, convention, size, seen)
+    parsed = parse_answer(target, convention, size, seen)
+    assert parsed.format_ok and parsed.reasoning == "Two cysts." and parsed.label == "cyst"
+    # integer answer coordinates: within one answer unit of the truth
+    unit = {BoxConvention.NORMALIZED_100: 0.96, BoxConvention.NORMALIZED_1000: 0.096}.get(convention, 96 / 448)
+    for got, want in zip(parsed.boxes, truth, strict=True):
+        np.testing.assert_allclose(got.as_array(), want.as_array(), atol=unit * 0.5 + 1e-9)
+
+
+@given(st.floats(0, 95), st.floats(0, 63), st.floats(0.5, 10), st.floats(0.5, 10))
+def test_encode_then_decode_is_within_half_a_unit(x, y, w, h):
+    box = Box2D(x, y, min(x + w, 96), min(y + h, 64))
+    for convention, unit in ((BoxConvention.NORMALIZED_1000, 96 / 1000), (BoxConvention.NORMALIZED_100, 96 / 100)):
+        back = decode_box(encode_box(box, convention, (96, 64)), convention, (96, 64))
+        assert np.all(np.abs(back.as_array() - box.as_array()) <= unit / 2 + 1e-9)
+
+
+def test_label_matching_lenient_and_strict():
+    matcher = LabelMatcher(LABELS, synonyms={"hyperdense lesion": ["hemorrhage"]})
+    assert normalize("  Ring_Enhancing-Lesion. ") == "ring enhancing lesion"
+    assert matcher.match("Hepatic cyst in the right lobe.") == "cyst"
+    assert matcher.match("a ring enhancing lesion") == "ring-enhancing lesion"
+    assert matcher.match("Hemorrhage") == "hyperdense lesion"
+    assert matcher.match("hyperdense lesoin") == "hyperdense lesion"  # near miss
+    assert matcher.match("No focal lesion") == "normal"
+    assert matcher.match("pneumothorax") is None
+    assert matcher.strict("CYST.") == "cyst"
+    assert matcher.strict("Hepatic cyst") is None  # strict: the answer must *be* the label
+    with pytest.raises(ValueError, match="not in the label set"):
+        LabelMatcher(LABELS, synonyms={"tumour": ["mass"]})
