@@ -12,6 +12,7 @@ from collections.abc import Sequence
 # module -> function ``register(subparsers)`` adding its sub-commands (each sets ``func=callable(args) -> int``)
 COMMAND_MODULES: tuple[str, ...] = (
     "monailabel_evlf.data.commands",
+    "monailabel_evlf.model.commands",
     "monailabel_evlf.training.commands",
 )
 # ``evlf bench <name>``: same contract, registered under the ``bench`` group
@@ -23,13 +24,7 @@ BENCH_MODULES: tuple[str, ...] = (
 
 def _register_all(subparsers: argparse._SubParsersAction, modules: Sequence[str]) -> None:
     for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real import error inside an existing module must surface
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

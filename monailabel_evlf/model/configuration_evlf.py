@@ -1,0 +1,71 @@
+"""EVLF configuration: two vision encoders, two connectors and a causal LM, each a Hugging Face sub-config.
+
+Like LLaVA's config, the encoders and the LLM are any ``AutoConfig`` model type, so a real-size EVLF is assembled
+from public checkpoints' configs (see docs/models.md) and the tiny test model from small configs of the same classes.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class EVLFConfig(PreTrainedConfig):
+    r"""
+    disease_config: vision model giving one pooled embedding per image (SigLIP / CLIP vision class).
+    pixel_config: vision model giving a feature grid (ViT / DINOv2 class; SAM-style ``(B, C, H, W)`` also works).
+    text_config: the causal language model.
+    num_disease_tokens: K, the "exemplar" tokens the disease connector makes from the pooled embedding.
+    pixel_pool: average-pooling factor over the pixel encoder's grid, bounding the pixel token count.
+    disease_token_id / pixel_token_id: placeholder token ids the processor expands and the model fills.
+    train_encoders: let the encoders train with the connectors. Off for pretrained encoders (the paper freezes
+        them); on only for the from-scratch demo model, whose random encoders have nothing to preserve.
+    """
+
+    model_type = "evlf"
+
+    sub_configs_defaults = {  # noqa: RUF012 (the transformers config API)
+        "disease_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        "pixel_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+    }
+
+    disease_config: dict | PreTrainedConfig | None = None
+    pixel_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_disease_tokens: int = 4
+    pixel_pool: int = 2
+    disease_token_id: int = 0
+    pixel_token_id: int = 0
+    connector_hidden_act: str = "gelu"
+    train_encoders: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.num_disease_tokens < 1:
+            raise ValueError(f"num_disease_tokens must be >= 1, got {self.num_disease_tokens}")
+        if self.pixel_pool < 1:
+            raise ValueError(f"pixel_pool must be >= 1, got {self.pixel_pool}")
+        grid = self.pixel_grid_size
+        if grid % self.pixel_pool:
+            raise ValueError(f"pixel encoder grid {grid} is not divisible by pixel_pool {self.pixel_pool}")
+        if self.text_config.tie_word_embeddings:
+            self.tie_word_embeddings = True
+
+    @property
+    def pixel_grid_size(self) -> int:
+        """Side of the pixel encoder's patch grid (square inputs)."""
+        return int(self.pixel_config.image_size) // int(self.pixel_config.patch_size)
+
+    @property
+    def num_pixel_tokens(self) -> int:
+        """Pixel tokens per image after pooling: ``(grid / pixel_pool) ** 2``."""
+        return (self.pixel_grid_size // self.pixel_pool) ** 2
+
+
+AutoConfig.register("evlf", EVLFConfig, exist_ok=True)
+
+__all__ = ["EVLFConfig"]
