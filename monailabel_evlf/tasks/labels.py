@@ -28,6 +28,10 @@ NORMAL_PHRASES = (
     "healthy",
 )
 
+# Words that, shortly before a label, deny it: "no cyst is seen" must not read as "cyst".
+_NEGATIONS = frozenset({"no", "not", "without", "negative", "absent", "excluded", "free"})
+_NEGATION_REACH = 3
+
 _PUNCTUATION = re.compile(r"[^\w\s-]")
 _SPACES = re.compile(r"[\s_-]+")
 
@@ -35,6 +39,16 @@ _SPACES = re.compile(r"[\s_-]+")
 def normalize(text: str) -> str:
     """Lower case, punctuation dropped, runs of spaces/underscores/hyphens collapsed to one space."""
     return _SPACES.sub(" ", _PUNCTUATION.sub(" ", text.lower())).strip()
+
+
+def _mentioned(phrase: list[str], words: list[str]) -> bool:
+    """``phrase`` occurs in ``words`` (whole words) without a negation in the few words before it."""
+    n = len(phrase)
+    return any(
+        words[start : start + n] == phrase
+        and not _NEGATIONS.intersection(words[max(0, start - _NEGATION_REACH) : start])
+        for start in range(len(words) - n + 1)
+    )
 
 
 class LabelMatcher:
@@ -64,15 +78,31 @@ class LabelMatcher:
         return self._exact.get(normalize(text)) if text else None
 
     def match(self, text: str | None) -> str | None:
-        """Exact, then a label phrase contained in the text, then the closest near miss above ``cutoff``."""
+        """Exact, then a label phrase in the text (not negated), then the closest near miss above ``cutoff``."""
         if not text:
             return None
         key = normalize(text)
         if key in self._exact:
             return self._exact[key]
-        padded = f" {key} "
+        words = key.split()
         for phrase in self._phrases:
-            if phrase and f" {phrase} " in padded:
+            if phrase and _mentioned(phrase.split(), words):
                 return self._exact[phrase]
         close = difflib.get_close_matches(key, self._phrases, n=1, cutoff=self.cutoff)
         return self._exact[close[0]] if close else None
+
+
+def is_correct_diagnosis(answer_label: str | None, format_ok: bool, label: str, synonyms: Iterable[str] = ()) -> bool:
+    """The paper's diagnosis reward rule: "the correct diagnosis in the expected format".
+
+    ``answer_label`` is what the ``<answer>`` block names (``ParsedAnswer.label``); it counts only when the whole
+    completion is well formed and it *is* ``label`` (or one of its ``synonyms``) after :func:`normalize` — a
+    longer phrase containing the label, or a near miss, earns nothing, so GRPO pushes towards the exact term.
+    For ``"normal"``, the :data:`NORMAL_PHRASES` ("no finding", ...) are the same diagnosis.
+    """
+    if not format_ok or not answer_label:
+        return False
+    accepted = {normalize(label), *(normalize(s) for s in synonyms)}
+    if normalize(label) == NORMAL_LABEL:
+        accepted.update(normalize(phrase) for phrase in NORMAL_PHRASES)
+    return normalize(answer_label) in accepted

@@ -1,6 +1,7 @@
 """The paper's evaluation metrics and a table that prints them as text or JSON.
 
-Diagnosis: accuracy and macro F1. Grounding: Acc@0.1/0.3/0.5 (share of true boxes matched at that IoU) and mIoU.
+Diagnosis: accuracy and macro F1. Grounding: Acc@0.1/0.3/0.5 (share of samples whose IoU reaches the threshold)
+and mIoU, a sample's IoU being :func:`~monailabel_evlf.tasks.rewards.best_iou` (the reward's, without the floor).
 VQA: closed-question accuracy and open-question recall (share of reference tokens the answer contains).
 Consistency: agreement across the ten prompt variants of Supplementary Table 4.
 """
@@ -79,7 +80,13 @@ def vqa_metrics(references: Sequence[str], predictions: Sequence[str], closed: S
 
 
 def consistency_metrics(truth: Sequence[str], per_variant: Sequence[Sequence[str | None]]) -> dict[str, float]:
-    """Agreement across prompt variants: all-agree rate, accuracy per variant (mean, min, max, spread)."""
+    """Agreement across prompt variants: all-agree rate, accuracy per variant (mean, min, max, spread).
+
+    ``per_variant[v][i]`` is the label predicted for sample ``i`` under prompt variant ``v``; a sample agrees when
+    every variant gave the same (normalised) answer, right or wrong.
+    """
+    if not truth:
+        raise ValueError("no samples")
     if not per_variant or any(len(v) != len(truth) for v in per_variant):
         raise ValueError("every variant needs one prediction per sample")
     accuracies = [sum(_same(t, p) for t, p in zip(truth, v, strict=True)) / len(truth) for v in per_variant]

@@ -11,8 +11,7 @@ import json
 from collections.abc import Sequence
 
 from monailabel_evlf.imaging.geometry import Box2D
-from monailabel_evlf.model.backend import BoxConvention
-from monailabel_evlf.tasks.box_format import encode_box
+from monailabel_evlf.model.backend import BoxConvention, from_image_pixels
 
 SYSTEM_PROMPT = (
     "You are a careful radiology assistant. Think step by step about the image, then answer. "
@@ -101,11 +100,29 @@ def format_answer(reasoning: str, answer: str) -> str:
 
 
 def diagnosis_target(reasoning: str, label: str) -> str:
+    """SFT target for a diagnosis prompt: the answer block holds the label and nothing else (the reward's rule)."""
     return format_answer(reasoning, label)
 
 
 def vqa_target(reasoning: str, answer: str) -> str:
+    """SFT target for a VQA prompt."""
     return format_answer(reasoning, answer)
+
+
+def answer_coordinates(
+    box: Box2D,
+    convention: BoxConvention,
+    image_size: tuple[int, int],
+    model_input_size: tuple[int, int] | None = None,
+) -> list[int]:
+    """The integers a backend of ``convention`` should write for ``box`` (image pixels): rounded, kept inside the
+    image and at least one answer unit wide, so that a tiny lesion never becomes an empty target box."""
+    full_x, full_y = (
+        round(v) for v in from_image_pixels((0, 0, *image_size), convention, image_size, model_input_size)[2:]
+    )
+    x1, y1, x2, y2 = (round(v) for v in from_image_pixels(box.as_array(), convention, image_size, model_input_size))
+    x1, y1 = min(max(x1, 0), full_x - 1), min(max(y1, 0), full_y - 1)
+    return [x1, y1, min(max(x2, x1 + 1), full_x), min(max(y2, y1 + 1), full_y)]
 
 
 def grounding_target(
@@ -116,8 +133,10 @@ def grounding_target(
     model_input_size: tuple[int, int] | None = None,
 ) -> str:
     """A correct grounding completion: one ``{"label", "bbox_2d"}`` object, or a JSON list when several."""
+    if not boxes:
+        raise ValueError("a grounding target needs at least one box")
     items = [
-        {"label": box.label or "", "bbox_2d": encode_box(box, convention, image_size, model_input_size)}
+        {"label": box.label or "", "bbox_2d": answer_coordinates(box, convention, image_size, model_input_size)}
         for box in boxes
     ]
     body = json.dumps(items[0] if len(items) == 1 else items, separators=(", ", ": "))

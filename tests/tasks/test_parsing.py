@@ -51,16 +51,83 @@ def test_repairs_are_reported():
     np.testing.assert_allclose(parsed.boxes[0].as_array(), [10, 10, 90, 100])
 
 
+def test_bad_arguments_raise_but_model_text_never_does():
+    with pytest.raises(ValueError, match="model_input_size"):
+        parse_answer("[1, 2, 3, 4]", BoxConvention.ABSOLUTE_MODEL_INPUT, (96, 96))
+    with pytest.raises(ValueError, match="positive"):
+        parse_answer("[1, 2, 3, 4]", BoxConvention.NORMALIZED_100, (0, 96))
+    with pytest.raises(ValueError):
+        parse_answer("[1, 2, 3, 4]", "pixels", (96, 96))
+    assert parse_answer(None, "normalized_100", (96, 96)).boxes == []  # type: ignore[arg-type]
+
+
+def test_fractions_are_reported():
+    parsed = parse_answer("[0.1, 0.2, 0.3, 0.4]", BoxConvention.NORMALIZED_1000, (200, 100))
+    np.testing.assert_allclose(parsed.boxes[0].as_array(), [20, 20, 60, 40])
+    assert any("fractions" in issue for issue in parsed.issues)
+
+
 def test_split_answer_strictness():
     assert split_answer("<think>a</think><answer>b</answer>") == ("a", "b", True)
     assert split_answer("<answer>b</answer>")[2] is False
     assert split_answer("<think>a</think>b")[1:] == ("b", False)
+    assert split_answer("<think>a</think></think><answer>b</answer>")[2] is False
+    assert split_answer("<think>a</think><answer>b</answer></s>") == ("a", "b", True)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(), st.sampled_from(list(BoxConvention)), st.integers(1, 2000), st.integers(1, 2000))
 def test_never_raises_and_boxes_stay_inside(text, convention, width, height):
     parsed = parse_answer(text, convention, (width, height), model_input_size=(width, height))
+    for box in parsed.boxes:
+        assert 0 <= box.x1 < box.x2 <= width
+        assert 0 <= box.y1 < box.y2 <= height
+
+
+FRAGMENTS = [
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    "<box>",
+    "</box>",
+    "<ref>",
+    "</ref>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "[",
+    "]",
+    "[[",
+    "]]",
+    "(",
+    ")",
+    "{",
+    "}",
+    ",",
+    ", ",
+    '"bbox_2d": ',
+    "'bbox': ",
+    '"label": ',
+    '"cyst"',
+    "```json",
+    "```",
+    "\n",
+    " ",
+    "NaN",
+    "Infinity",
+    "-",
+    ".",
+]
+model_like_text = st.lists(
+    st.sampled_from(FRAGMENTS) | st.integers(-5000, 5000).map(str) | st.floats(-2, 2).map(lambda v: f"{v:.3f}"),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(model_like_text, st.sampled_from(list(BoxConvention)), st.integers(1, 600), st.integers(1, 600))
+def test_model_like_fragments_never_raise_and_boxes_stay_inside(text, convention, width, height):
+    parsed = parse_answer(text, convention, (width, height), model_input_size=(448, 448))
     for box in parsed.boxes:
         assert 0 <= box.x1 < box.x2 <= width
         assert 0 <= box.y1 < box.y2 <= height

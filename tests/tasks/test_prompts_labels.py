@@ -8,10 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from monailabel_evlf.imaging.geometry import Box2D
-from monailabel_evlf.model.backend import BoxConvention
+from monailabel_evlf.model.backend import BoxConvention, to_image_pixels
 from monailabel_evlf.tasks import prompts
-from monailabel_evlf.tasks.box_format import decode_box, encode_box
-from monailabel_evlf.tasks.labels import LabelMatcher, normalize
+from monailabel_evlf.tasks.labels import LabelMatcher, is_correct_diagnosis, normalize
 from monailabel_evlf.tasks.parsing import parse_answer
 
 LABELS = ["cyst", "hyperdense lesion", "ring-enhancing lesion", "normal"]
@@ -52,12 +51,29 @@ def test_grounding_target_parses_back_to_its_boxes(convention):
         np.testing.assert_allclose(got.as_array(), want.as_array(), atol=unit * 0.5 + 1e-9)
 
 
-@given(st.floats(0, 95), st.floats(0, 63), st.floats(0.5, 10), st.floats(0.5, 10))
-def test_encode_then_decode_is_within_half_a_unit(x, y, w, h):
+def test_answer_coordinates_known_values():
+    # 96 x 64 image: NORMALIZED_100 units are 0.96 px along x and 0.64 px along y
+    box = Box2D(24, 16, 48, 32)
+    assert prompts.answer_coordinates(box, BoxConvention.NORMALIZED_100, (96, 64)) == [25, 25, 50, 50]
+    assert prompts.answer_coordinates(box, BoxConvention.NORMALIZED_1000, (96, 64)) == [250, 250, 500, 500]
+    absolute = prompts.answer_coordinates(box, BoxConvention.ABSOLUTE_MODEL_INPUT, (96, 64), (192, 128))
+    assert absolute == [48, 32, 96, 64]
+    # a sub-unit box at the far edge stays one unit wide and inside the image
+    tiny = prompts.answer_coordinates(Box2D(95.8, 63.9, 96, 64), BoxConvention.NORMALIZED_100, (96, 64))
+    assert tiny == [99, 99, 100, 100]
+
+
+@given(st.floats(0, 95), st.floats(0, 63), st.floats(1, 10), st.floats(1, 10))
+def test_answer_coordinates_round_trip_within_half_a_unit(x, y, w, h):
     box = Box2D(x, y, min(x + w, 96), min(y + h, 64))
     for convention, unit in ((BoxConvention.NORMALIZED_1000, 96 / 1000), (BoxConvention.NORMALIZED_100, 96 / 100)):
-        back = decode_box(encode_box(box, convention, (96, 64)), convention, (96, 64))
-        assert np.all(np.abs(back.as_array() - box.as_array()) <= unit / 2 + 1e-9)
+        back = to_image_pixels(prompts.answer_coordinates(box, convention, (96, 64)), convention, (96, 64))
+        assert np.all(np.abs(np.array(back) - box.as_array()) <= unit / 2 + 1e-9)
+
+
+def test_grounding_target_needs_a_box():
+    with pytest.raises(ValueError, match="at least one box"):
+        prompts.grounding_target("r", [], BoxConvention.NORMALIZED_100, (96, 64))
 
 
 def test_label_matching_lenient_and_strict():
@@ -69,7 +85,19 @@ def test_label_matching_lenient_and_strict():
     assert matcher.match("hyperdense lesoin") == "hyperdense lesion"  # near miss
     assert matcher.match("No focal lesion") == "normal"
     assert matcher.match("pneumothorax") is None
+    assert matcher.match("No cyst is seen.") is None  # negated mentions do not count
+    assert matcher.match("Not a cyst: a ring enhancing lesion") == "ring-enhancing lesion"
     assert matcher.strict("CYST.") == "cyst"
     assert matcher.strict("Hepatic cyst") is None  # strict: the answer must *be* the label
     with pytest.raises(ValueError, match="not in the label set"):
         LabelMatcher(LABELS, synonyms={"tumour": ["mass"]})
+
+
+def test_strict_diagnosis_rule():
+    assert is_correct_diagnosis("Cyst.", True, "cyst")
+    assert not is_correct_diagnosis("cyst", False, "cyst")  # right label, wrong format
+    assert not is_correct_diagnosis("hepatic cyst", True, "cyst")  # contains the label: not the label
+    assert not is_correct_diagnosis("cyts", True, "cyst")  # near misses earn nothing
+    assert is_correct_diagnosis("hemorrhage", True, "hyperdense lesion", synonyms=["hemorrhage"])
+    assert is_correct_diagnosis("No finding", True, "normal")
+    assert not is_correct_diagnosis(None, True, "cyst")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -45,6 +46,49 @@ def test_grounding_reward_is_iou_with_a_floor():
         ]
     ]
     assert rewards.grounding_reward([""], conversational, gt_boxes=truth[:1], image_size=[(100, 100)]) == [1.0]
+
+
+def test_grounding_reward_columns_from_a_dataset():
+    # gt_boxes as datasets store them (dicts / lists), a 0-1000 backend, a normal slice, another task's sample
+    completions = [box_answer([0, 0, 500, 500]), answer("no lesion"), box_answer([0, 0, 10, 10]), answer("cyst")]
+    got = rewards.grounding_reward(
+        [""] * 4,
+        completions,
+        task=["grounding", "grounding", "grounding", "diagnosis"],
+        gt_boxes=[[{"bbox_2d": [0, 0, 100, 100], "label": "cyst"}], [], [], [[0, 0, 1, 1]]],
+        image_size=[(200, 200)] * 4,
+        box_convention=["normalized_1000"] * 4,
+    )
+    assert got == [1.0, 1.0, 0.0, None]  # a box on a normal slice earns nothing
+    with pytest.raises(ValueError, match="image_size"):
+        rewards.grounding_reward([""], completions[:1], gt_boxes=[[[0, 0, 1, 1]]])
+    with pytest.raises(ValueError, match="model_input_size"):
+        rewards.grounding_reward(
+            [""],
+            completions[:1],
+            gt_boxes=[[[0, 0, 1, 1]]],
+            image_size=[(9, 9)],
+            box_convention=["absolute_model_input"],
+        )
+
+
+def test_diagnosis_reward_synonyms_and_normal():
+    reward = functools.partial(rewards.diagnosis_reward, synonyms={"hyperdense lesion": ["hemorrhage"]})
+    completions = [answer("Hemorrhage"), answer("No finding."), answer("normal-ish")]
+    assert reward([""] * 3, completions, label=["hyperdense lesion", "normal", "normal"]) == [1.0, 1.0, 0.0]
+
+
+def test_combined_reward_weights_and_skips():
+    both = rewards.combined({rewards.diagnosis_reward: 2.0, rewards.format_reward: 0.5})
+    got = both(
+        [""] * 3, [answer("cyst"), "cyst", answer("normal")], task=["diagnosis", "diagnosis", "vqa"], label=["cyst"] * 3
+    )
+    assert got == [2.5, 0.0, 0.5]  # the vqa sample gets only the format term
+    assert both.__name__ == "2*diagnosis_reward+0.5*format_reward"
+    only_vqa = rewards.combined([(rewards.vqa_f1_reward, 1.0)])
+    assert only_vqa([""], [answer("x")], task=["diagnosis"]) == [None]
+    with pytest.raises(ValueError):
+        rewards.combined({})
 
 
 def test_vqa_f1_and_format_rewards():
