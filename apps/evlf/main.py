@@ -1,19 +1,46 @@
 """MONAI Label app serving the EVLF vision-language model: diagnosis, grounding and VQA infer tasks,
-a GRPO train task and an active-learning strategy. Thin by design: the library does the work."""
+a GRPO train task and an active-learning strategy. Thin by design: the library does the work.
+
+Options (``--conf key value``, all optional) are listed in docs/app.md, e.g.
+``monailabel start_server --app apps/evlf --studies sample-data --conf model tiny --conf batch_size 16``.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 from monailabel.interfaces.app import MONAILabelApp
 
 import monailabel_evlf
+from monailabel_evlf.app.config import ConfigError, parse_app_config
 
 logger = logging.getLogger(__name__)
 
 
+def _stop(message: str) -> None:
+    """Exit at start-up with one line: the app is built inside uvicorn's lifespan, where raising (even
+    SystemExit) prints tracebacks that bury the message naming the bad option."""
+    logger.error(message)
+    print(message, file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(2)
+
+
 class EVLFApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        try:
+            self.evlf_config = parse_app_config(conf)
+        except ConfigError as exc:
+            _stop(f"EVLF app cannot start: {exc}")
+        from monailabel_evlf.app.serving import ServedModel
+
+        adapters = self.evlf_config.adapters or os.path.join(app_dir, "model", "adapters")
+        try:
+            self.served = ServedModel(self.evlf_config, adapters)
+        except (ValueError, OSError) as exc:
+            _stop(f"EVLF app cannot load its model (--conf backend / model): {exc}")
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -22,6 +49,54 @@ class EVLFApp(MONAILabelApp):
             description="Explainable vision-language model: diagnosis, grounding boxes and VQA with reasoning",
             version=monailabel_evlf.__version__,
         )
+        self._auto_update_scoring = self.evlf_config.auto_scoring
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            from monailabel_evlf.app.dicomweb import dicomweb_datastore
+
+            return dicomweb_datastore(self.studies)
+        from monailabel.config import settings
+
+        from monailabel_evlf.app.datastore import CheckedLocalDatastore
+
+        return CheckedLocalDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
 
     def init_infers(self):
-        return {}
+        from monailabel_evlf.app.infer import DiagnosisTask, GroundingTask, VQATask
+
+        config = self.evlf_config
+        return {
+            "evlf_grounding": GroundingTask(self.served, config, datastore=self.datastore()),
+            "evlf_diagnosis": DiagnosisTask(self.served, config),
+            "evlf_vqa": VQATask(self.served, config),
+        }
+
+    def init_trainers(self):
+        from monailabel_evlf.app.train import EVLFTrainTask
+
+        return {"evlf_train": EVLFTrainTask(self.served, self.evlf_config)}
+
+    def init_strategies(self):
+        from monailabel.tasks.activelearning.first import First
+        from monailabel.tasks.activelearning.random import Random
+
+        from monailabel_evlf.app.activelearning import DisagreementStrategy
+
+        return {"evlf_disagreement": DisagreementStrategy(), "random": Random(), "first": First()}
+
+    def init_scoring_methods(self):
+        from monailabel_evlf.app.activelearning import DisagreementScoring
+
+        return {"evlf_disagreement": DisagreementScoring(self.served, self.evlf_config.samples)}
+
+    def infer(self, request, datastore=None):
+        from monailabel_evlf.app.datastore import check_infer_request
+
+        check_infer_request(request, self._infers, datastore or self.datastore())
+        return super().infer(request, datastore)

@@ -1,0 +1,175 @@
+"""The app's ``--conf`` options: parsed and checked once at start-up, so a typo stops the server with a message
+that names the option instead of failing on the first request.
+
+MONAI Label hands every ``--conf key value`` pair to the app as strings; :func:`parse_app_config` turns them into
+one typed :class:`AppConfig`. Unknown keys are rejected (a misspelt ``bach_size`` would otherwise be silently
+ignored), except MONAI Label's own keys that it passes through to every app.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL_DIR = REPO_ROOT / "models" / "evlf-demo"
+DEFAULT_LABELS: tuple[str, ...] = ("cyst", "hyperdense lesion", "ring-enhancing lesion")
+NORMAL_LABEL = "normal"
+DTYPES = ("float32", "float16", "bfloat16")
+OUTPUTS = ("markups", "labelmap", "json", "dicom_sr", "dicom_seg")
+# keys MONAI Label itself (or its sample apps' habits) may pass to any app; accepted and ignored here
+PASSTHROUGH_KEYS = frozenset(
+    {"models", "preload", "server_mode", "skip_scoring", "skip_strategies", "skip_trainers", "epistemic"}
+)
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A bad ``--conf`` option; the message starts with the option's name."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"--conf {option}: {message}")
+        self.option = option
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything the EVLF app can be told with ``--conf``; defaults give a working offline demo."""
+
+    backend: str = "evlf"  # registered backend name or "package.module:Class"
+    model: str = "demo"  # preset name ("demo", "tiny", ...), Hugging Face id or local directory
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    adapters: str = ""  # adapter registry root (default: <app_dir>/model/adapters)
+    modality: str = "CT"
+    labels: tuple[str, ...] = DEFAULT_LABELS  # diagnosis vocabulary ("normal" is always added)
+    findings: tuple[str, ...] = ()  # grounding targets (default: the labels)
+    slice_axis: int | None = None  # None: the volume axis closest to patient S-I (axial)
+    slice_stride: int = 1
+    max_slices: int = 64
+    window: str = "abdomen"  # CT preset name or "level,width" in HU
+    image_size: int = 96  # rendered slice width and height in pixels
+    batch_size: int = 8  # slices per backend.generate call
+    max_new_tokens: int = 96
+    min_slices: int = 2  # a 3D box needs detections on this many slices
+    output: str = "markups"  # default grounding output
+    samples: int = 4  # sampled answers per slice for active-learning disagreement
+    train_steps: int = 20
+    train_method: str = "grpo"  # "grpo" or "sft"
+    torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (small models on busy CPUs: 1)
+    auto_scoring: bool = False  # MONAI Label's default re-scores all images in a child process at start-up
+    extra: dict[str, str] = field(default_factory=dict)  # backend-specific options: "backend.<key>" conf entries
+
+    @property
+    def vocabulary(self) -> tuple[str, ...]:
+        return (*self.labels, NORMAL_LABEL) if NORMAL_LABEL not in self.labels else self.labels
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.findings or tuple(label for label in self.labels if label != NORMAL_LABEL)
+
+
+def _int(option: str, value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(option, f"expected an integer, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(option, f"must be >= {minimum}, got {number}")
+    return number
+
+
+def _bool(option: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(option, f"expected true/false, got {value!r}")
+
+
+def _names(option: str, value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
+    if not names:
+        raise ConfigError(option, "needs at least one comma-separated name")
+    return names
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(option, f"must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def check_window(option: str, value: str, modality: str) -> str:
+    """A window the imaging module understands: CT preset, ``auto``, ``percentile[:lo,hi]`` or ``level,width``."""
+    from monailabel_evlf.imaging.windowing import parse_window
+
+    try:
+        parse_window(value, modality)
+    except ValueError as exc:
+        raise ConfigError(option, str(exc)) from None
+    return value
+
+
+def parse_app_config(conf: Mapping[str, str]) -> AppConfig:
+    """``--conf`` strings -> :class:`AppConfig`; raises :class:`ConfigError` naming the first bad option."""
+    known = {f.name for f in fields(AppConfig)} - {"extra"}
+    values: dict[str, object] = {}
+    extra: dict[str, str] = {}
+    for key, raw in conf.items():
+        value = str(raw).strip()
+        if key.startswith("backend."):
+            extra[key.removeprefix("backend.")] = value
+            continue
+        if key in PASSTHROUGH_KEYS:
+            continue
+        if key not in known:
+            raise ConfigError(key, f"unknown option; known: {', '.join(sorted(known))}, backend.<name>")
+        if key in ("backend", "model", "modality", "adapters"):
+            if not value:
+                raise ConfigError(key, "must not be empty")
+            values[key] = value
+        elif key == "device":
+            if not _DEVICE.match(value):
+                raise ConfigError(key, f"expected cpu, cuda, cuda:N or mps; got {value!r}")
+            values[key] = value
+        elif key == "dtype":
+            values[key] = _choice(key, value, DTYPES)
+        elif key in ("trust_remote_code", "auto_scoring"):
+            values[key] = _bool(key, value)
+        elif key in ("labels", "findings"):
+            values[key] = _names(key, value)
+        elif key == "slice_axis":
+            values[key] = None if value == "auto" else int(_choice(key, value, ("auto", "0", "1", "2")))
+        elif key in ("slice_stride", "max_slices", "batch_size", "max_new_tokens", "min_slices", "samples"):
+            values[key] = _int(key, value, 1)
+        elif key == "torch_threads":
+            values[key] = _int(key, value, 0)
+        elif key == "image_size":
+            values[key] = _int(key, value, 16)
+        elif key == "train_steps":
+            values[key] = _int(key, value, 1)
+        elif key == "window":
+            values[key] = check_window(key, value, str(conf.get("modality", "CT")))
+        elif key == "output":
+            values[key] = _choice(key, value, OUTPUTS)
+        elif key == "train_method":
+            values[key] = _choice(key, value, ("grpo", "sft"))
+    return AppConfig(**values, extra=extra)
+
+
+def resolve_model(config: AppConfig) -> tuple[str, str]:
+    """The model to load and a note for the app description.
+
+    ``demo`` is the committed offline demo model; until it exists the ``tiny`` preset (random weights, built on
+    the fly) stands in, and the description says so rather than pretending to be trained.
+    """
+    if config.model != "demo":
+        return config.model, ""
+    if (DEMO_MODEL_DIR / "config.json").is_file():
+        return str(DEMO_MODEL_DIR), ""
+    return "tiny", f"demo model not found at {DEMO_MODEL_DIR}; serving the untrained 'tiny' preset"

@@ -1,0 +1,174 @@
+"""MONAI Label infer tasks: ``evlf_grounding`` (detection), ``evlf_diagnosis`` (classification), ``evlf_vqa``.
+
+Each task overrides ``InferTask.__call__(request) -> (result file or None, result JSON)`` (MONAI Label's v2 task
+interface): the work is :class:`monailabel_evlf.inference.VolumePipeline`; this module only turns a request into a
+pipeline call and the answer into what the client loads. A grounding result is a 3D Slicer ROI markups JSON by
+default: the Slicer MONAI Label module loads a ``.json`` result of a ``detection`` model as ROI nodes.
+
+Bad requests raise ``fastapi.HTTPException`` with a 4xx status and a message: MONAI Label's endpoint lets it
+through unchanged, whereas any other exception becomes an opaque 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from monailabel_evlf.app.config import OUTPUTS, AppConfig
+from monailabel_evlf.inference import VolumeResult
+
+if TYPE_CHECKING:
+    from monailabel_evlf.app.serving import ServedModel
+
+logger = logging.getLogger(__name__)
+
+
+def bad_request(message: str, status: int = 422) -> HTTPException:
+    return HTTPException(status_code=status, detail=message)
+
+
+def load_request_volume(request: dict[str, Any]):
+    """The request's image as a ``Volume``; unreadable, empty or non-3D input is the client's error (422)."""
+    from monailabel_evlf.imaging.volume import load_volume
+
+    path = request.get("image")
+    if not path or not os.path.exists(path):
+        raise bad_request(f"image {request.get('image')!r} not found", status=404)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise bad_request("the uploaded image is empty")
+    try:
+        return load_volume(path)
+    except ValueError as exc:
+        raise bad_request(f"cannot use image: {exc}") from exc
+    except Exception as exc:  # readers (ITK, nibabel, pydicom) raise many types on corrupt files
+        logger.info("unreadable image %s: %s", path, exc)
+        raise bad_request(f"cannot read image ({type(exc).__name__}): {exc}") from exc
+
+
+def _indices(request: dict[str, Any], pipeline, volume) -> list[int] | None:
+    """Slices to examine instead of the configured selection: ``slices`` (a list of indices) or ``around`` (the
+    slice a reader is looking at) ± ``radius`` (default 2)."""
+    value = request.get("slices")
+    if value is not None:
+        if not value or not isinstance(value, list) or not all(type(k) is int for k in value):
+            raise bad_request(f"'slices' must be a non-empty list of integers, got {value!r}")
+        return value
+    around, radius = request.get("around"), request.get("radius", 2)
+    if around is None:
+        return None
+    if type(around) is not int or type(radius) is not int:
+        raise bad_request(f"'around' and 'radius' must be integers, got {around!r}, {radius!r}")
+    return pipeline.select(volume, around=around, radius=radius)[1]
+
+
+class EVLFInferTask(InferTask):
+    """Common request handling; subclasses implement :meth:`run`."""
+
+    task_type: InferType = InferType.OTHERS
+
+    def __init__(self, served: ServedModel, config: AppConfig, labels: list[str], description: str) -> None:
+        if served.note:
+            description = f"{description} ({served.note})"
+        super().__init__(
+            type=self.task_type,
+            labels=labels,
+            dimension=3,
+            description=description,
+            config={},
+        )
+        self.served = served
+        self.app_config = config
+
+    def is_valid(self) -> bool:
+        return True
+
+    def run(self, volume, request: dict[str, Any]) -> tuple[VolumeResult, str | None, dict[str, Any]]:
+        """The pipeline result, the result file (or None) and extra result-JSON fields."""
+        raise NotImplementedError
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        started = time.perf_counter()
+        volume = load_request_volume(request)
+        try:
+            result, result_file, extra = self.run(volume, request)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+        body = result.to_json()
+        body["model"] = self.served.info()
+        body["image"] = {"shape": list(volume.array.shape), "affine_lps": volume.affine.round(6).tolist()}
+        body["latency_s"]["request"] = round(time.perf_counter() - started, 4)
+        body.update(extra)
+        return result_file, body
+
+
+class GroundingTask(EVLFInferTask):
+    """Boxes with reasoning -> Slicer ROI markups (default), label map, DICOM SR / SEG or JSON only."""
+
+    task_type = InferType.DETECTION
+
+    def __init__(self, served: ServedModel, config: AppConfig, datastore=None) -> None:
+        super().__init__(
+            served,
+            config,
+            list(config.targets),
+            "EVLF grounding: 3D boxes of findings (3D Slicer ROI markups) with the model's reasoning",
+        )
+        self.datastore = datastore
+        self._config.update(output=list(OUTPUTS), target="")
+
+    def run(self, volume, request):
+        from monailabel_evlf.app import outputs
+
+        output = request.get("output", self.app_config.output)
+        if output not in OUTPUTS:
+            raise bad_request(f"'output' must be one of {', '.join(OUTPUTS)}; got {output!r}")
+        target = request.get("target") or None
+        with self.served.session() as pipeline:
+            result = pipeline.ground(volume, target, indices=_indices(request, pipeline, volume))
+        version = self.served.adapter_version or "base"
+        result_file, extra = outputs.write_output(output, result, volume, self.datastore, version)
+        return result, result_file, {"output": output, **extra}
+
+
+class DiagnosisTask(EVLFInferTask):
+    """Study labels with per-label scores and the model's reasoning, all in the result JSON."""
+
+    task_type = InferType.CLASSIFICATION
+
+    def __init__(self, served: ServedModel, config: AppConfig) -> None:
+        super().__init__(
+            served, config, list(config.vocabulary), "EVLF diagnosis: labels, scores and the model's reasoning"
+        )
+
+    def run(self, volume, request):
+        with self.served.session() as pipeline:
+            return pipeline.diagnose(volume, indices=_indices(request, pipeline, volume)), None, {}
+
+
+class VQATask(EVLFInferTask):
+    """``question`` (and optional ``options`` for a closed question) -> answer + reasoning."""
+
+    task_type = InferType.OTHERS
+
+    def __init__(self, served: ServedModel, config: AppConfig) -> None:
+        super().__init__(served, config, [], "EVLF visual question answering with reasoning (param: question)")
+        self._config["question"] = ""
+
+    def run(self, volume, request):
+        question = request.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise bad_request("VQA needs a non-empty 'question' param")
+        options = request.get("options")
+        if options is not None and (not isinstance(options, list) or not all(isinstance(o, str) for o in options)):
+            raise bad_request(f"'options' must be a list of strings, got {options!r}")
+        with self.served.session() as pipeline:
+            return (
+                pipeline.answer(volume, question, options, indices=_indices(request, pipeline, volume)),
+                None,
+                {"question": question},
+            )

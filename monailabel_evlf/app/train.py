@@ -1,0 +1,147 @@
+"""MONAI Label train task ``evlf_train``: corrected labels in the datastore -> a new, gated adapter version.
+
+MONAI Label runs training in a child process (``monailabel.interfaces.utils.app -m train``) whose stdout lines it
+shows in ``/train/`` status, so progress is logged one line per step. The child fine-tunes its own copy of the
+model starting from the promoted adapter, saves the result as the next version in the adapter registry and moves
+the ``promoted`` pointer only if the held-out check is not worse; the server process picks the new adapter up on
+its next request (see :mod:`monailabel_evlf.app.serving`) and serves the old one until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.tasks.train import TrainTask
+
+from monailabel_evlf.app.config import AppConfig
+
+if TYPE_CHECKING:
+    from monailabel_evlf.app.serving import ServedModel
+
+logger = logging.getLogger(__name__)
+
+GATE_METRIC = "acc@0.5"  # grounding Acc@0.5 on the held-out samples (training.evaluate keys)
+
+
+def split_held_out(
+    items: Sequence[Any], fraction: float = 0.25, key: Callable[[Any], Any] = lambda item: getattr(item, "task", None)
+) -> tuple[list[Any], list[Any]]:
+    """Every ``round(1 / fraction)``-th item of each ``key`` group (e.g. task) is held out, so the gate sees every
+    task; a group of one stays for training, a group of two or more keeps at least one for the check.
+    Deterministic and order-preserving."""
+    step = max(2, round(1 / fraction))
+    groups: dict[Any, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    held_at: set[int] = set()
+    for members in groups.values():
+        if len(members) > 1:
+            held_at |= {i for n, i in enumerate(members) if n % step == step - 1} or {members[-1]}
+    train = [item for i, item in enumerate(items) if i not in held_at]
+    return train, [items[i] for i in sorted(held_at)]
+
+
+class EVLFTrainTask(TrainTask):
+    """Few-shot GRPO (or SFT) of the LoRA adapter on the datastore's corrected studies."""
+
+    def __init__(self, served: ServedModel, config: AppConfig) -> None:
+        super().__init__("EVLF few-shot fine-tuning (LoRA) on corrected boxes; promotes only if held-out not worse")
+        self.served = served
+        self.app_config = config
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.app_config.train_method, "steps": self.app_config.train_steps, "label_tag": "final"}
+
+    def stats(self) -> dict[str, Any]:
+        registry = self.served.registry
+        promoted = registry.promoted()
+        return {
+            "adapter_versions": [v.name for v in registry.versions()],
+            "promoted": promoted.name if promoted else None,
+            "metrics": promoted.metrics if promoted else {},
+        }
+
+    def sample_options(self):
+        from monailabel_evlf.training.samples import SampleOptions
+
+        backend = self.served.backend
+        size = (self.app_config.image_size, self.app_config.image_size)
+        return SampleOptions(
+            convention=backend.box_convention,
+            size=size,
+            window=self.app_config.window,
+            labels=self.app_config.targets,
+            modality=self.app_config.modality,
+            model_input_size=backend.model_input_size(size),
+        )
+
+    def collect_samples(self, datastore, label_tag: str) -> list:
+        """Training samples from every image with a saved label under ``label_tag``, one study after another."""
+        from monailabel_evlf.app.labels import read_label_boxes
+        from monailabel_evlf.imaging.volume import load_volume
+        from monailabel_evlf.training.samples import correction_samples
+
+        options = self.sample_options()
+        samples = []
+        for index, image_id in enumerate(sorted(datastore.get_labeled_images(label_tag))):
+            volume = load_volume(datastore.get_image_uri(image_id))
+            volume.meta.setdefault("modality", self.app_config.modality)
+            boxes = read_label_boxes(datastore.get_label_uri(image_id, label_tag), volume)
+            samples += correction_samples(volume, boxes, options, seed=index, source={"image": image_id})
+            logger.info("evlf_train: %s -> %d boxes", image_id, len(boxes))
+        return samples
+
+    def __call__(self, request: dict[str, Any], datastore) -> dict[str, Any]:
+        from monailabel_evlf.training.config import GRPOConfig, SFTConfig
+        from monailabel_evlf.training.finetune import finetune_adapter
+
+        started = time.perf_counter()
+        method = request.get("method", self.app_config.train_method)
+        if method not in ("grpo", "sft"):
+            raise ValueError(f"'method' must be 'grpo' or 'sft', got {method!r}")
+        steps = int(request.get("steps", self.app_config.train_steps))
+        label_tag = request.get("label_tag", DefaultLabelTag.FINAL.value)
+        gate = str(request.get("gate", True)).lower() not in ("false", "0", "no")
+        samples = self.collect_samples(datastore, label_tag)
+        train, held = split_held_out(samples)
+        if not held:
+            raise ValueError(
+                f"{len(samples)} sample(s) under label tag {label_tag!r}: need 2+ for training and the gate"
+            )
+        logger.info("evlf_train: %d training samples, %d held out, method %s", len(train), len(held), method)
+
+        def progress(step: int, total: int, logs: dict[str, float]) -> None:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float))
+            logger.info("evlf_train step %d/%d %s", step, total, shown)
+
+        stages = (
+            {"sft": SFTConfig(epochs=steps)}
+            if method == "sft"
+            else {"grpo": GRPOConfig(steps=steps, max_new_tokens=self.app_config.max_new_tokens)}
+        )
+        served = self.served
+        # trains this process's own model copy: the server process keeps serving until the pointer moves
+        result = finetune_adapter(
+            served.backend,
+            train,
+            held,
+            served.registry,
+            **stages,
+            gate_metric=GATE_METRIC,
+            tolerance=0.0 if gate else float("inf"),
+            callback=progress,
+            config_extra={"label_tag": label_tag, "samples": len(samples)},
+        )
+        logger.info("evlf_train: saved %s %s, promoted=%s", result.version.name, result.metrics, result.promoted)
+        return {
+            "version": result.version.name,
+            "parent": result.version.meta.get("parent"),
+            "promoted": result.promoted,
+            "metrics": result.metrics,
+            "baseline_metrics": result.baseline_metrics,
+            "seconds": round(time.perf_counter() - started, 2),
+        }

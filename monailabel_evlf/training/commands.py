@@ -1,0 +1,169 @@
+"""``evlf eval``, ``evlf train`` and ``evlf build-demo-model``. Heavy imports stay inside the command functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "training"
+DEFAULT_MODEL = "models/evlf-demo"
+
+
+def tqdm_progress(desc: str):
+    """A :data:`~monailabel_evlf.training.config.ProgressCallback` drawing a tqdm bar per training stage."""
+    from tqdm.auto import tqdm
+
+    bars: list[Any] = []
+
+    def update(step: int, total: int, logs: dict[str, float]) -> None:
+        if step == 1 or not bars:  # a new stage (SFT, GRPO, ...) starts counting again
+            bars.append(tqdm(total=total, desc=desc, unit="step"))
+        bar = bars[-1]
+        bar.update(step - bar.n)
+        bar.set_postfix({k: f"{logs[k]:.3f}" for k in ("loss", "reward", "kl") if k in logs}, refresh=False)
+        if step == total:
+            bar.close()
+
+    return update
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="evlf", help="evlf, qwen2_5_vl, internvl or module:Class (default evlf)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model path, hub id or preset (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--adapter", default=None, help="adapter directory (a registry version folder)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 (default float32)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)"
+    )
+
+
+def _add_sample_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tasks", nargs="+", default=["grounding", "diagnosis"], choices=["grounding", "diagnosis", "vqa"]
+    )
+    parser.add_argument("--size", nargs=2, type=int, default=None, metavar=("W", "H"), help="rendered slice size")
+    parser.add_argument("--window", default="abdomen", help="CT window preset or level,width (default abdomen)")
+
+
+def load_backend_from_args(args: argparse.Namespace) -> Any:
+    from monailabel_evlf.model import load_backend
+
+    return load_backend(
+        args.backend,
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
+    )
+
+
+def sample_options_from_args(args: argparse.Namespace, backend: Any) -> Any:
+    from monailabel_evlf.training.samples import SampleOptions
+
+    size = tuple(args.size) if args.size else (96, 96)
+    return SampleOptions(
+        convention=backend.box_convention,
+        size=size,
+        window=args.window,
+        tasks=tuple(args.tasks),
+        model_input_size=backend.model_input_size(size),
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from monailabel_evlf.training.evaluate import evaluate
+    from monailabel_evlf.training.samples import load_samples
+
+    backend = load_backend_from_args(args)
+    samples = load_samples(args.data, sample_options_from_args(args, backend))
+    if args.limit:
+        samples = samples[: args.limit]
+    report = evaluate(backend, samples, batch_size=args.batch_size, consistency_variants=args.consistency)
+    paths = report.save(args.out, title=f"{Path(args.model).name} on {Path(args.data).name}")
+    print(report.to_text())
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from monailabel_evlf.training.adapters import AdapterRegistry
+    from monailabel_evlf.training.config import GRPOConfig, SFTConfig, config_from_dict, load_training_yaml
+    from monailabel_evlf.training.finetune import finetune_adapter
+    from monailabel_evlf.training.samples import load_samples
+
+    settings = load_training_yaml(args.config)
+    sft = config_from_dict(SFTConfig, settings.get("sft")) if "sft" in args.stages else None
+    grpo = config_from_dict(GRPOConfig, settings.get("grpo")) if "grpo" in args.stages else None
+    backend = load_backend_from_args(args)
+    options = sample_options_from_args(args, backend)
+    train, held_out = load_samples(args.data, options), load_samples(args.held_out, options)
+    registry = AdapterRegistry(args.registry, args.model_name or Path(args.model).name)
+    result = finetune_adapter(
+        backend,
+        train,
+        held_out,
+        registry,
+        sft=sft,
+        grpo=grpo,
+        gate_metric=args.gate_metric,
+        tolerance=args.tolerance,
+        callback=tqdm_progress("train"),
+        config_extra={"data": str(args.data), "config_file": str(args.config)},
+    )
+    state = "promoted" if result.promoted else "kept (not promoted: worse than the current one on held-out data)"
+    print(f"adapter {result.version.path} {state}")
+    print({k: round(v, 4) for k, v in result.metrics.items()})
+    return 0
+
+
+def run_build_demo_model(args: argparse.Namespace) -> int:
+    from monailabel_evlf.training.demo_model import build_demo_model, load_demo_config
+
+    config = load_demo_config(args.config)
+    metrics = build_demo_model(args.out_dir, config, callback=tqdm_progress("demo"))
+    print({k: round(v, 4) for k, v in metrics.items()})
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    evaluate = subparsers.add_parser(
+        "eval", help="metrics of a model (+adapter) on phantoms or a manifest folder: text, JSON and PNG"
+    )
+    _add_model_args(evaluate)
+    _add_sample_args(evaluate)
+    evaluate.add_argument(
+        "--data", required=True, help="phantom folder (evlf make-sample-data) or folder with manifest.jsonl"
+    )
+    evaluate.add_argument("--out", default="eval-out", help="folder for metrics.txt/json/png (default eval-out)")
+    evaluate.add_argument("--consistency", type=int, default=10, help="diagnosis prompt variants to compare (0: off)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
+    evaluate.set_defaults(func=run_eval)
+
+    train = subparsers.add_parser("train", help="SFT and/or GRPO an adapter, save it as a new version, gate + promote")
+    _add_model_args(train)
+    _add_sample_args(train)
+    train.add_argument("--data", required=True, help="training samples: phantom folder or manifest folder")
+    train.add_argument("--held-out", required=True, help="held-out samples for the validation gate")
+    train.add_argument("--config", default=str(CONFIG_DIR / "default.yaml"), help="training YAML (sft/grpo sections)")
+    train.add_argument("--stages", nargs="+", default=["grpo"], choices=["sft", "grpo"], help="default: grpo")
+    train.add_argument("--registry", default="adapters", help="adapter registry root (default ./adapters)")
+    train.add_argument("--model-name", default=None, help="registry folder name (default: the model folder name)")
+    train.add_argument("--gate-metric", default="acc@0.5", help="held-out metric that must not get worse")
+    train.add_argument("--tolerance", type=float, default=0.0, help="allowed drop of the gate metric")
+    train.set_defaults(func=run_train)
+
+    demo = subparsers.add_parser(
+        "build-demo-model", help="train the small offline EVLF demo model on phantoms (SFT + GRPO, CPU minutes)"
+    )
+    demo.add_argument("out_dir", help="output folder (the committed one is models/evlf-demo)")
+    demo.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"), help="demo recipe YAML")
+    demo.set_defaults(func=run_build_demo_model)

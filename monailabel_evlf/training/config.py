@@ -1,0 +1,95 @@
+"""Training settings (Stage 1 SFT, Stage 2 GRPO) as dataclasses, read from YAML with strict keys.
+
+Unknown keys are errors rather than silently ignored: a typo such as ``betta: 0.1`` must not train with the
+default. YAML is parsed with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+# progress(step, total_steps, logs): the MONAI Label train task and the CLI's tqdm bar both plug in here
+ProgressCallback = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """Stage 1: negative log-likelihood of the target answers, LoRA + connectors only."""
+
+    epochs: int = 3
+    batch_size: int = 8
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "epochs", "batch_size", "learning_rate")
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """Stage 2: group relative policy optimisation with verifiable rewards (names as in TRL's GRPOConfig)."""
+
+    steps: int = 40
+    batch_size: int = 4  # prompts per step; each gets ``group_size`` sampled answers
+    group_size: int = 8
+    epsilon: float = 0.2
+    beta: float = 0.04
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    num_iterations: int = 1  # policy updates per generated batch; > 1 makes the clipped ratio bite
+    micro_batch_size: int = 64  # completions per forward/backward pass (gradient accumulation above that)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    loss_type: str = "grpo"
+    scale_rewards: bool = True
+    reward_weights: list[float] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "steps", "batch_size", "learning_rate", "num_iterations", "micro_batch_size")
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2 (advantages compare answers within a group), got {self.group_size}"
+            )
+        if not 0 < self.epsilon < 1:
+            raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+
+
+T = TypeVar("T")
+
+
+def _check_positive(config: Any, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be > 0, got {getattr(config, name)}")
+
+
+def config_from_dict(cls: type[T], values: Mapping[str, Any] | None) -> T:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+    return cls(**dict(values or {}))
+
+
+def load_training_yaml(path: str | Path) -> dict[str, Any]:
+    """A training YAML: top-level sections ``sft`` and/or ``grpo`` plus free-form ``data`` / ``model`` sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config not found: {path}")
+    content = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return content

@@ -1,0 +1,165 @@
+"""DICOMweb round trip: phantom CT series in a real Orthanc, the EVLF app serving it, SR / SEG stored back.
+
+Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) runs on 127.0.0.1 with free ports, a temporary storage folder
+and a JSON config; the tests skip with the reason when it is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from dicomweb_client import DICOMwebClient
+
+from monailabel_evlf.annotations.dicom_seg import read_segmentation_boxes
+from monailabel_evlf.annotations.dicom_sr import read_sr_boxes
+from monailabel_evlf.app.bench import running_server
+from monailabel_evlf.data.phantoms import write_sample_dataset
+
+pytestmark = pytest.mark.integration
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ORACLE = "tests.app.gt_backend:GroundTruthBackend"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory) -> str:
+    if not ORTHANC or not DICOMWEB_PLUGIN.is_file():
+        pytest.skip("Orthanc with the DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+    root = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    config = {
+        "Name": "evlf-test",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "HttpPort": port,
+        "RemoteAccessAllowed": False,  # loopback clients only
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = (root / "orthanc.log").open("w")
+    process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"Orthanc exited with {process.returncode}: {(root / 'orthanc.log').read_text()[-2000:]}")
+            try:
+                if requests.get(f"{url}/system", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("Orthanc did not start within 60 s")
+            time.sleep(0.3)
+        yield f"{url}/dicom-web"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory, orthanc) -> tuple[Path, dict]:
+    """One phantom with three lesions, its DICOM series stored in Orthanc through STOW-RS."""
+    root = tmp_path_factory.mktemp("phantoms")
+    (study,) = write_sample_dataset(root, n=1, seed=7, dicom=True)
+    sidecar = json.loads((root / "ground_truth" / f"{study}.json").read_text())
+    datasets = [pydicom.dcmread(p) for p in sorted((root / "dicom" / study).glob("*.dcm"))]
+    DICOMwebClient(orthanc).store_instances(datasets)
+    return root, sidecar
+
+
+@pytest.fixture(scope="module")
+def server(orthanc, phantoms, tmp_path_factory) -> str:
+    root, _ = phantoms
+    cache = tmp_path_factory.mktemp("dicomweb-cache")
+    conf = {"backend": ORACLE, "model": str(root)}
+    with running_server(orthanc, conf, timeout=180, env={"MONAI_LABEL_DATASTORE_CACHE_PATH": str(cache)}) as url:
+        yield url
+
+
+def _stored_series(orthanc: str, study_uid: str, modality: str) -> list[pydicom.Dataset]:
+    client = DICOMwebClient(orthanc)
+    found = client.search_for_series(search_filters={"StudyInstanceUID": study_uid, "Modality": modality})
+    series_uids = [pydicom.Dataset.from_json(s).SeriesInstanceUID for s in found]
+    return [ds for uid in series_uids for ds in client.retrieve_series(study_uid, uid)]
+
+
+def _truth_on_central_slices(sidecar: dict) -> set[tuple]:
+    boxes = set()
+    for lesion in sidecar["lesions"]:
+        lo, hi = lesion["voxel_box"]["lo"], lesion["voxel_box"]["hi"]
+        boxes.add(((lo[2] + hi[2]) // 2, float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]), lesion["label"]))
+    return boxes
+
+
+def test_next_sample_comes_from_orthanc(server, phantoms):
+    _, sidecar = phantoms
+    response = requests.post(f"{server}/activelearning/first", json={}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == sidecar["dicom"]["series_instance_uid"]
+
+
+def test_dicom_sr_is_stored_back_through_stow_rs(server, orthanc, phantoms):
+    _, sidecar = phantoms
+    series_uid, study_uid = sidecar["dicom"]["series_instance_uid"], sidecar["dicom"]["study_instance_uid"]
+    response = requests.post(
+        f"{server}/infer/evlf_grounding",
+        params={"image": series_uid},
+        data={"params": json.dumps({"output": "dicom_sr"})},
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["dicom"]["stored"] == "stow-rs" and body["dicom"]["study_instance_uid"] == study_uid
+
+    (sr,) = _stored_series(orthanc, study_uid, "SR")
+    assert str(sr.SOPInstanceUID) == body["dicom"]["sop_instance_uid"]
+    findings = read_sr_boxes(sr, sidecar["dicom"]["sop_instance_uids"])
+    got = {(f.k, f.box.x1, f.box.y1, f.box.x2, f.box.y2, f.label) for f in findings}
+    assert got == _truth_on_central_slices(sidecar)
+
+
+def test_dicom_seg_is_stored_back_through_stow_rs(server, orthanc, phantoms):
+    _, sidecar = phantoms
+    series_uid, study_uid = sidecar["dicom"]["series_instance_uid"], sidecar["dicom"]["study_instance_uid"]
+    response = requests.post(
+        f"{server}/infer/evlf_grounding",
+        params={"image": series_uid},
+        data={"params": json.dumps({"output": "dicom_seg"})},
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["dicom"]["stored"] == "stow-rs"
+    (seg,) = _stored_series(orthanc, study_uid, "SEG")
+    boxes = read_segmentation_boxes(seg, sidecar["dicom"]["sop_instance_uids"])
+    got = sorted((b.label, b.lo.tolist(), b.hi.tolist()) for b in boxes)
+    want = sorted(
+        (
+            lesion["label"],
+            np.asarray(lesion["voxel_box"]["lo"], float).tolist(),
+            np.asarray(lesion["voxel_box"]["hi"], float).tolist(),
+        )
+        for lesion in sidecar["lesions"]
+    )
+    assert got == want

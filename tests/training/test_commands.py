@@ -1,0 +1,34 @@
+"""The training commands are registered with the `evlf` CLI and validate their input."""
+
+import pytest
+
+from monailabel_evlf.cli import build_parser, main
+
+
+def test_commands_are_registered():
+    parser = build_parser()
+    args = parser.parse_args(["eval", "--data", "d", "--consistency", "3"])
+    assert args.func.__name__ == "run_eval" and args.model == "models/evlf-demo" and args.consistency == 3
+    args = parser.parse_args(["train", "--data", "d", "--held-out", "h", "--stages", "sft", "grpo"])
+    assert args.func.__name__ == "run_train" and args.stages == ["sft", "grpo"] and args.gate_metric == "acc@0.5"
+    args = parser.parse_args(["build-demo-model", "out"])
+    assert args.func.__name__ == "run_build_demo_model" and args.config.endswith("demo.yaml")
+    args = parser.parse_args(["bench", "learning-loop", "--shots", "8", "16"])
+    assert args.func.__name__ == "run_command" and args.shots == [8, 16]
+
+
+def test_train_rejects_a_missing_config(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path), "--held-out", str(tmp_path), "--config", str(tmp_path / "no.yaml")])
+    assert code == 2 and "training config not found" in capsys.readouterr().err
+
+
+def test_build_demo_model_refuses_a_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("user data")
+    assert main(["build-demo-model", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("bad", [["eval"], ["train", "--data", "d"]])
+def test_required_arguments(bad):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(bad)

@@ -1,0 +1,63 @@
+"""The demo-model recipe: merged checkpoints equal the trained adapter model; number tokens start smooth."""
+
+import numpy as np
+import pytest
+import torch
+
+from monailabel_evlf.model.backends.evlf import EVLFBackend
+from monailabel_evlf.model.tiny import build_tiny_evlf
+from monailabel_evlf.training.commands import CONFIG_DIR
+from monailabel_evlf.training.demo_model import _save_merged, load_demo_config, smooth_number_embeddings
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    build_tiny_evlf(path, image_size=32, hidden_size=32, num_layers=1, pixel_pool=1, train_encoders=True)
+    return path
+
+
+def test_merged_checkpoint_answers_like_the_trained_adapter(tiny_dir, tmp_path):
+    backend = EVLFBackend.from_pretrained(str(tiny_dir))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # stand-in for training: move every trainable weight (LoRA, connectors, encoders)
+        for parameter in backend.trainable_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    completion = '<think>Cyst in the liver.</think><answer>{"label": "cyst", "bbox_2d": [1, 2, 30, 40]}</answer>'
+    with torch.no_grad():
+        trained = backend.completion_logprobs([image], ["Locate the cyst."], [completion]).logprobs
+        with backend.reference_policy():
+            base = backend.completion_logprobs([image], ["Locate the cyst."], [completion]).logprobs
+    _save_merged(backend, tmp_path / "merged")
+    merged = EVLFBackend.from_pretrained(str(tmp_path / "merged"))
+    with torch.no_grad():
+        reloaded = merged.completion_logprobs([image], ["Locate the cyst."], [completion]).logprobs
+    assert not torch.allclose(trained, base, atol=1e-3)  # the perturbation mattered
+    torch.testing.assert_close(reloaded, trained, atol=1e-4, rtol=1e-4)
+
+
+def test_number_embeddings_become_smooth(tiny_dir):
+    backend = EVLFBackend.from_pretrained(str(tiny_dir))
+    model, tokenizer = backend.peft_model.base_model.model, backend.tokenizer
+    smooth_number_embeddings(model, tokenizer)
+    ids = tokenizer.convert_tokens_to_ids([str(n) for n in range(101)])
+    rows = torch.nn.functional.normalize(model.get_input_embeddings().weight[ids], dim=1)
+    near = (rows[:-1] * rows[1:]).sum(1).mean()
+    far = (rows[:-50] * rows[50:]).sum(1).mean()
+    assert near > 0.8 and near > far + 0.3
+
+
+def test_committed_recipes_parse():
+    demo = load_demo_config(CONFIG_DIR / "demo.yaml")
+    assert demo.data.kinds == ["cyst", "hyperdense lesion"] and demo.grpo.group_size >= 2
+    from monailabel_evlf.training.learning_loop import load_learning_loop_config
+
+    bench = load_learning_loop_config(CONFIG_DIR / "learning-loop.yaml")
+    assert set(bench.kinds).isdisjoint(demo.data.kinds)  # the benchmark's shift is unseen by the demo model
+
+
+def test_demo_config_rejects_unknown_sections(tmp_path):
+    (tmp_path / "bad.yaml").write_text("pretrain: {epochs: 1}\nfinetune: {}\n")
+    with pytest.raises(ValueError, match="finetune"):
+        load_demo_config(tmp_path / "bad.yaml")

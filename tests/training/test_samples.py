@@ -1,0 +1,118 @@
+"""Samples from phantom ground truth and from corrected boxes: boxes land on the lesion, targets parse back."""
+
+import json
+
+import numpy as np
+import pytest
+
+from monailabel_evlf.data.phantoms import make_phantom
+from monailabel_evlf.imaging.geometry import VoxelBox
+from monailabel_evlf.imaging.volume import Volume
+from monailabel_evlf.model.backend import BoxConvention
+from monailabel_evlf.training.samples import (
+    SampleOptions,
+    correction_samples,
+    lesion_findings,
+    load_samples,
+    manifest_samples,
+    phantom_samples,
+)
+
+OPTIONS = SampleOptions(convention=BoxConvention.NORMALIZED_100, size=(96, 96), tasks=("grounding", "diagnosis", "vqa"))
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(3, shape=(48, 48, 16), n_lesions=2, orientation="flipped", study_id="p3")
+
+
+def bright_box(image):
+    """The box of the pixels brighter than the mid-grey: the lesion drawn by the test below."""
+    rows, cols = np.nonzero(image[..., 0] > 128)
+    return cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
+
+
+def test_lesion_findings_are_one_slice_thick(phantom):
+    findings = lesion_findings(phantom.ground_truth)
+    lesion = phantom.ground_truth["lesions"][0]
+    assert sum(f.lesion == lesion["id"] for f in findings) == len(lesion["slice_boxes"])
+    for finding in findings:
+        assert finding.box.hi[2] - finding.box.lo[2] == 1
+        i0, j0, k = finding.box.lo.astype(int)
+        i1, j1, _ = finding.box.hi.astype(int)
+        # the labelmap has this lesion inside the box on that slice and nowhere outside it
+        ids = phantom.labelmap[:, :, k] == finding.lesion
+        assert ids[i0:i1, j0:j1].sum() == ids.sum() > 0
+
+
+def test_grounding_box_covers_the_lesion_pixels():
+    # a synthetic volume: a bright 4 x 6 voxel block on slice 5, nothing else
+    array = np.full((32, 32, 10), -1000.0, dtype=np.float32)
+    array[10:14, 20:26, 5] = 500.0
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])  # flipped i and j: the display flips both
+    volume = Volume(array, affine, {"modality": "CT"})
+    box = VoxelBox(lo=[10, 20, 5], hi=[14, 26, 6], label="cyst")
+    options = SampleOptions(convention=BoxConvention.NORMALIZED_100, size=(32, 32), window="bone", tasks=("grounding",))
+    (sample,) = correction_samples(volume, [box], options)
+    drawn = sample.boxes[0]
+    assert (drawn.x1, drawn.y1, drawn.x2, drawn.y2) == bright_box(sample.image)
+    body = json.loads(sample.target.split("<answer>")[1].split("</answer>")[0])
+    # NORMALIZED_100 on a 32 px picture: x / 32 * 100, rounded
+    assert body == {"label": "cyst", "bbox_2d": [round(drawn.x1 * 100 / 32), round(drawn.y1 * 100 / 32),
+                                                 round(drawn.x2 * 100 / 32), round(drawn.y2 * 100 / 32)]}  # fmt: skip
+
+
+def test_phantom_samples_tasks_and_labels(phantom):
+    samples = phantom_samples(phantom.image, phantom.affine, phantom.ground_truth, OPTIONS, normal_slices=1)
+    tasks = {s.task for s in samples}
+    assert tasks == {"grounding", "diagnosis", "vqa"}
+    kinds = {les["label"] for les in phantom.ground_truth["lesions"]}
+    assert {s.label for s in samples if s.task == "grounding"} == kinds
+    assert "normal" in {s.label for s in samples if s.task == "diagnosis"}
+    for sample in samples:
+        assert sample.image.shape == (96, 96, 3) and sample.target.startswith("<think>")
+        assert sample.target.endswith("</answer>") and sample.source["study_id"] == "p3"
+        if sample.task == "diagnosis":
+            assert sample.options[0] == "normal" and "cyst" in sample.options  # every phantom kind offered
+
+
+def test_correction_samples_central_slices():
+    array = np.zeros((16, 16, 12), dtype=np.float32)
+    volume = Volume(array, np.eye(4), {"modality": "CT"})
+    options = SampleOptions(convention=BoxConvention.NORMALIZED_100, size=(16, 16), tasks=("grounding",))
+    samples = correction_samples(
+        volume, [VoxelBox(lo=[2, 2, 3], hi=[6, 6, 8], label="cyst")], options, slices_per_box=3
+    )
+    assert [s.source["index"] for s in samples] == [4, 5, 6]
+
+
+def test_correction_samples_reject_bad_boxes():
+    volume = Volume(np.zeros((8, 8, 4), dtype=np.float32), np.eye(4))
+    options = SampleOptions(convention=BoxConvention.NORMALIZED_100, size=(8, 8))
+    with pytest.raises(ValueError, match="no label"):
+        correction_samples(volume, [VoxelBox(lo=[0, 0, 0], hi=[2, 2, 2])], options)
+    with pytest.raises(ValueError, match="outside"):
+        correction_samples(volume, [VoxelBox(lo=[0, 0, 3], hi=[2, 2, 9], label="cyst")], options)
+
+
+def test_manifest_samples(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 40), dtype=np.uint8)).save(tmp_path / "a.png")
+    lines = [
+        {"image": "a.png", "task": "grounding", "label": "nodule", "boxes": [[4, 2, 10, 8]], "modality": "XR"},
+        {"image": "a.png", "task": "vqa", "question": "Is there a nodule?", "answer": "yes", "options": ["yes", "no"]},
+    ]
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    grounding, vqa = load_samples(tmp_path, OPTIONS)
+    assert grounding.image.shape == (20, 40, 3) and grounding.image_size == (40, 20)
+    assert '"bbox_2d": [10, 10, 25, 40]' in grounding.target  # 4/40, 2/20, 10/40, 8/20 of 100
+    assert vqa.answer == "yes" and vqa.options == ["yes", "no"]
+    (tmp_path / "manifest.jsonl").write_text('{"image": "missing.png", "task": "vqa"}\n')
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:1"):
+        manifest_samples(tmp_path, OPTIONS)
+
+
+def test_load_samples_rejects_unknown_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        load_samples(tmp_path, OPTIONS)
