@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -16,6 +17,17 @@ import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = REPO_ROOT / "apps" / "evlf"
+# the monailabel wheel installs the 3D Slicer plugin as data files under the environment prefix
+SLICER_CLIENT = Path(sys.prefix) / "monailabel" / "plugins" / "slicer" / "MONAILabel" / "MONAILabelLib" / "client.py"
+
+
+@pytest.fixture(scope="session")
+def slicer_client_class() -> type:
+    """``MONAILabelClient`` exactly as 3D Slicer's MONAI Label module ships and uses it."""
+    spec = importlib.util.spec_from_file_location("slicer_monailabel_client", SLICER_CLIENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MONAILabelClient
 
 
 def free_port() -> int:

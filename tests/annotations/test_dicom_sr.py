@@ -9,12 +9,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from monailabel_evlf.imaging.geometry import Box2D
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from monailabel_evlf.annotations.dicom_common import order_slices
 from monailabel_evlf.annotations.dicom_sr import SliceFinding, read_sr_boxes, read_sr_summary, write_measurement_report
+from monailabel_evlf.imaging.geometry import Box2D
 
 FINDINGS = [
     SliceFinding(k=2, box=Box2D(x1=3, y1=4, x2=10, y2=12), label="cyst", score=0.8, text="Round cyst in the liver."),

@@ -7,9 +7,7 @@ back must land on the sidecar's lesions if every step between slice pixels and L
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -25,16 +23,7 @@ from monailabel_evlf.imaging.geometry import VoxelBox, WorldBox
 
 pytestmark = pytest.mark.integration
 
-# the wheel installs the 3D Slicer plugin as data files under the environment prefix
-SLICER_CLIENT = Path(sys.prefix) / "monailabel" / "plugins" / "slicer" / "MONAILabel" / "MONAILabelLib" / "client.py"
 ORACLE = "tests.app.gt_backend:GroundTruthBackend"
-
-
-def _slicer_client_module():
-    spec = importlib.util.spec_from_file_location("slicer_monailabel_client", SLICER_CLIENT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +70,8 @@ def test_info_lists_tasks_with_types_and_labels(server):
 
 
 @pytest.mark.parametrize("study", ["phantom_s7_000", "phantom_s7_002"])
-def test_slicer_client_grounding_markups_land_on_the_lesions(server, dataset, tmp_path, study):
-    client = _slicer_client_module().MONAILabelClient(server, tmpdir=str(tmp_path))
+def test_slicer_client_grounding_markups_land_on_the_lesions(server, dataset, tmp_path, study, slicer_client_class):
+    client = slicer_client_class(server, tmpdir=str(tmp_path))
     result_file, params = client.infer("evlf_grounding", study, {})
 
     doc = json.loads(Path(result_file).read_text())
@@ -145,11 +134,11 @@ def test_diagnosis_and_vqa_answer_with_reasoning(server):
     assert vqa["answer"] in ("yes", "no") and vqa["reasoning"] and vqa["question"] == "Is there a lesion?"
 
 
-def test_save_label_accepts_slicer_markups_and_refuses_malformed(server, dataset, tmp_path):
+def test_save_label_accepts_slicer_markups_and_refuses_malformed(server, dataset, tmp_path, slicer_client_class):
     lesion = sidecar(dataset, "phantom_s7_002")["lesions"][0]
     markups = tmp_path / "label.json"
     write_roi_markups([WorldBox.from_dict({**lesion["world_box"], "label": "cyst"})], markups)
-    client = _slicer_client_module().MONAILabelClient(server, tmpdir=str(tmp_path))
+    client = slicer_client_class(server, tmpdir=str(tmp_path))
     saved = client.save_label("phantom_s7_002", str(markups), tag="final")
     assert saved["label"] == "phantom_s7_002"
     before = datastore_state(dataset)

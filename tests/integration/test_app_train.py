@@ -1,4 +1,8 @@
-"""Train from a saved correction while the server keeps answering; later results name the new adapter."""
+"""The whole loop as 3D Slicer drives it: infer -> save corrected boxes -> train -> infer with the new adapter.
+
+Every step goes through the HTTP client 3D Slicer's MONAI Label module uses; the server keeps answering while
+MONAI Label trains in its child process.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,18 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-import requests
 
-from monailabel_evlf.annotations.slicer_markups import write_roi_markups
+from monailabel_evlf.annotations.slicer_markups import read_roi_markups, validate_markups, write_roi_markups
 from monailabel_evlf.app.bench import running_server
 from monailabel_evlf.data.phantoms import write_sample_dataset
 from monailabel_evlf.imaging.geometry import WorldBox
 
-# ~2 min on 2 shared cores: the child process re-creates the app and model before it trains
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# about a minute: MONAI Label trains in a child process that re-creates the app and model first
+pytestmark = pytest.mark.integration
+
+STUDY = "phantom_s7_000"
 
 
 @pytest.fixture(scope="module")
@@ -33,42 +39,37 @@ def server(studies, tmp_path_factory) -> str:
         yield url
 
 
-def _infer(server: str, study: str) -> dict:
-    response = requests.post(
-        f"{server}/infer/evlf_grounding", params={"image": study}, data={"params": json.dumps({"output": "json"})}
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
+def test_slicer_loop_infer_correct_train_infer(server, studies, tmp_path, slicer_client_class):
+    client = slicer_client_class(server, tmpdir=str(tmp_path))
+    truth = json.loads((studies / "ground_truth" / f"{STUDY}.json").read_text())
 
+    # 1. infer: what Slicer loads as ROI nodes (the random tiny model's boxes, if any, are valid markups)
+    result_file, params = client.infer("evlf_grounding", STUDY, {})
+    validate_markups(json.loads(Path(result_file).read_text()))
+    assert params["model"]["adapter_version"] is None
 
-def test_train_from_saved_markups_gives_a_new_adapter_version(server, studies, tmp_path):
-    study = "phantom_s7_000"
-    truth = json.loads((studies / "ground_truth" / f"{study}.json").read_text())
-    assert _infer(server, study)["model"]["adapter_version"] is None
-
+    # 2. the radiologist corrects the boxes and presses "Save Label": all ROI nodes as one markups file
+    corrected = [WorldBox.from_dict({**les["world_box"], "label": les["label"]}) for les in truth["lesions"]]
     markups = tmp_path / "correction.json"
-    boxes = [WorldBox.from_dict({**les["world_box"], "label": les["label"]}) for les in truth["lesions"]]
-    write_roi_markups(boxes, markups)
-    with markups.open("rb") as handle:
-        saved = requests.put(
-            f"{server}/datastore/label", params={"image": study, "tag": "final"}, files={"label": handle}
-        )
-    assert saved.status_code == 200, saved.text
+    write_roi_markups(corrected, markups)
+    client.save_label(STUDY, str(markups), tag="final")
+    saved = studies / "labels" / "final"
+    stored = read_roi_markups(next(saved.iterdir()))
+    assert sorted(b.label for b in stored) == sorted(b.label for b in corrected)
+    for box in corrected:
+        assert any(np.allclose(box.center, s.center, atol=1e-3) for s in stored)
 
-    started = requests.post(f"{server}/train/evlf_train", json={"method": "sft", "steps": 1, "gate": False})
-    assert started.status_code == 200, started.text
-    served_while_training = 0
-    deadline = time.monotonic() + 300
-    while True:
-        status = requests.get(f"{server}/train/", params={"check_if_running": False}).json()
-        if status.get("status") in ("DONE", "ERROR"):
-            break
+    # 3. train from the saved correction; the server answers inference meanwhile
+    started = client.train_start("evlf_train", {"method": "grpo", "steps": 1, "gate": False})
+    assert started
+    served_while_training, deadline = 0, time.monotonic() + 300
+    while (status := client.train_status())["status"] not in ("DONE", "ERROR"):
         assert time.monotonic() < deadline, status
-        _infer(server, study)  # the server keeps answering while the child process trains
+        client.infer("evlf_grounding", STUDY, {})
         served_while_training += 1
     assert status["status"] == "DONE", "\n".join(status.get("details", []))
-    assert any("evlf_train" in line for line in status.get("details", []))
-
-    result = _infer(server, study)
-    assert result["model"]["adapter_version"] == "v0001"
     assert served_while_training >= 1
+
+    # 4. the next inference uses the new adapter without a restart
+    _, params = client.infer("evlf_grounding", STUDY, {})
+    assert params["model"]["adapter_version"] == "v0001"
