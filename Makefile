@@ -29,8 +29,9 @@ $(STUDIES)/.complete: | $(VENV)/.installed
 	$(BIN)/evlf make-sample-data $(STUDIES) --dicom
 	touch $@
 
+# MONAI Label's `monailabel` launcher runs the first `python` on PATH, so the environment goes first.
 serve: env sample-data
-	$(BIN)/monailabel start_server --app apps/evlf --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
+	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/monailabel start_server --app apps/evlf --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
 
 test: env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
