@@ -20,6 +20,7 @@ from itertools import combinations
 from typing import Any
 
 import numpy as np
+import torch
 
 from monailabel_evlf.imaging.aggregation import link_slice_detections
 from monailabel_evlf.imaging.geometry import Box2D, VoxelBox, WorldBox, box_iou_2d, voxel_box_to_world
@@ -54,6 +55,7 @@ class PipelineConfig:
     batch_size: int = 8
     max_new_tokens: int = 96
     min_slices: int = 2
+    confidence: bool = True  # score answers by the model's own token probabilities (one extra forward pass)
     # in-plane IoU that links boxes on neighbouring slices: low, because a lesion's first and last slices show
     # a small cap inside the next slice's cross-section (a 1x1 cap in a 6x6 section has IoU 0.03)
     link_iou: float = 0.01
@@ -73,6 +75,7 @@ class SliceAnswer:
     index: int
     text: str
     parsed: ParsedAnswer
+    confidence: float | None = None  # the model's mean token probability of ``text``; None if it cannot say
 
 
 @dataclass
@@ -123,7 +126,8 @@ class VolumeResult:
             "boxes": boxes,
             "slices": {"axis": self.axis, "indices": self.slice_indices},
             "slice_answers": [
-                {"index": a.index, "label": a.parsed.label, "format_ok": a.parsed.format_ok} for a in self.answers
+                {"index": a.index, "label": a.parsed.label, "format_ok": a.parsed.format_ok, "confidence": a.confidence}
+                for a in self.answers
             ],
             "latency_s": {key: round(value, 4) for key, value in self.timings.items()},
         }
@@ -201,6 +205,28 @@ class VolumePipeline:
             )
         return answers
 
+    def confidences(
+        self, slices: Sequence[RenderedSlice], prompts: Sequence[str], texts: Sequence[str]
+    ) -> list[float | None]:
+        """Per answer, the geometric-mean probability the model gives its own tokens: one batched forward pass
+        per ``batch_size`` slices (cheap next to decoding). ``None`` for backends that cannot score (e.g. an
+        oracle or a remote model); boxes then carry no model confidence."""
+        if not self.config.confidence:
+            return [None] * len(texts)
+        out: list[float | None] = []
+        try:
+            with torch.no_grad():
+                for batch in _batches(len(slices), self.config.batch_size):
+                    scored = self.backend.completion_logprobs(
+                        [slices[i].image for i in batch], [prompts[i] for i in batch], [texts[i] for i in batch]
+                    )
+                    mask = scored.mask.to(scored.logprobs.dtype)
+                    mean = (scored.logprobs * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+                    out += [round(float(v), 4) for v in torch.exp(mean)]
+        except NotImplementedError:
+            return [None] * len(texts)
+        return out
+
     def _parse(self, text: str, rendered: RenderedSlice) -> ParsedAnswer:
         height, width = rendered.image.shape[:2]
         return parse_answer(
@@ -215,8 +241,11 @@ class VolumePipeline:
         axis, slices = self.render(volume, indices)
         rendered_at = time.perf_counter()
         texts = [answers[0] for answers in self.generate(slices, [prompt] * len(slices))]
+        confidences = self.confidences(slices, [prompt] * len(slices), texts)
         generated_at = time.perf_counter()
-        answers = [SliceAnswer(s.index, t, self._parse(t, s)) for s, t in zip(slices, texts, strict=True)]
+        answers = [
+            SliceAnswer(s.index, t, self._parse(t, s), c) for s, t, c in zip(slices, texts, confidences, strict=True)
+        ]
         result = VolumeResult(
             task="",
             model_id=self.backend.model_id,
@@ -256,14 +285,14 @@ class VolumePipeline:
     def ground(self, volume: Volume, target: str | None = None, indices: Sequence[int] | None = None) -> VolumeResult:
         """Boxes on each slice, linked into 3D boxes (``link_slice_detections``) and mapped to LPS mm.
 
-        A 3D box's score is the linked detections' mean score (1.0 where the model gives none) times the fraction
+        A 3D box's score is the linked detections' mean confidence (1.0 where the model gives none) times the fraction
         of examined slices in its span where it was seen, so a box with holes ranks below a solid one.
         """
         started = time.perf_counter()
         prompt = grounding_prompt(self.config.modality, target, self.backend.box_convention)
         result, slices = self._ask(volume, prompt, indices)
         detections = [
-            slice_box_to_voxel_box(_labelled(box, self.canonical(box.label or target)), rendered)
+            slice_box_to_voxel_box(_labelled(box, self.canonical(box.label or target), answer.confidence), rendered)
             for answer, rendered in zip(result.answers, slices, strict=True)
             for box in answer.parsed.boxes
             if box.width > 0 and box.height > 0
@@ -348,8 +377,8 @@ class VolumePipeline:
         return {"score": label_entropy + box_spread, "label_entropy": label_entropy, "box_spread": box_spread}
 
 
-def _labelled(box: Box2D, label: str | None) -> Box2D:
-    return Box2D(box.x1, box.y1, box.x2, box.y2, label=label, score=box.score)
+def _labelled(box: Box2D, label: str | None, score: float | None) -> Box2D:
+    return Box2D(box.x1, box.y1, box.x2, box.y2, label=label, score=score)
 
 
 def _iou_or_zero(a: Box2D | None, b: Box2D | None) -> float:

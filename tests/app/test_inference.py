@@ -153,3 +153,23 @@ def test_world_boxes_overlap_truth_in_3d(dataset, backend):
     got = np.stack([b.as_array() for b in result.voxel_boxes])
     want = np.array([les["voxel_box"]["lo"] + les["voxel_box"]["hi"] for les in truth["lesions"]], dtype=float)
     assert np.allclose(np.sort(np.asarray(box_iou_3d(got, want)).max(axis=1)), 1.0)
+
+
+def test_answers_carry_the_models_own_confidence(dataset, backend):
+    from monailabel_evlf.model import load_backend
+    from monailabel_evlf.tasks.prompts import diagnosis_prompt
+
+    volume = load_volume(dataset / f"{studies(dataset)[0]}.nii.gz")
+    config = PipelineConfig(image_size=64, batch_size=4, max_slices=4, max_new_tokens=12, min_slices=1)
+    tiny = VolumePipeline(load_backend("evlf", "tiny"), config)
+    result = tiny.diagnose(volume)
+    confidences = [a.confidence for a in result.answers]
+    assert all(0.0 < c <= 1.0 for c in confidences)
+    # the same number the backend gives for the answer's tokens, recomputed one slice at a time
+    _, slices = tiny.render(volume, result.slice_indices)
+    prompt = diagnosis_prompt(config.modality, list(config.labels))
+    one = tiny.confidences(slices[:1], [prompt], [result.answers[0].text])
+    assert one[0] == pytest.approx(confidences[0], abs=1e-3)
+
+    oracle = VolumePipeline(backend, config).ground(volume)  # cannot score its answers: no confidence, no crash
+    assert {a.confidence for a in oracle.answers} == {None}
