@@ -32,7 +32,7 @@ def tqdm_progress(desc: str):
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="evlf", help="evlf, qwen2_5_vl, internvl or module:Class (default evlf)")
+    parser.add_argument("--backend", default="evlf", help="evlf, qwen2_5_vl, qwen3_vl or module:Class (default evlf)")
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model path, hub id or preset (default {DEFAULT_MODEL})"
     )
