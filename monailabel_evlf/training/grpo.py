@@ -24,6 +24,7 @@ from monailabel_evlf.model.backend import SamplingConfig, VLMBackend
 from monailabel_evlf.training.config import GRPOConfig, ProgressCallback
 from monailabel_evlf.training.grpo_math import group_advantages, grpo_loss
 from monailabel_evlf.training.samples import TrainingSample
+from monailabel_evlf.training.sft import seeded_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +81,7 @@ def train_grpo(
         raise ValueError("GRPO needs at least one training sample")
     if not reward_funcs:
         raise ValueError("GRPO needs at least one reward function")
-    params = [p for p in backend.trainable_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"backend {backend.model_id!r} has no trainable parameters")
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    params, optimizer, rng = seeded_optimizer(backend, config.learning_rate, config.weight_decay, config.seed)
     group = config.group_size
     history = []
     for step in range(config.steps):

@@ -25,6 +25,17 @@ from monailabel_evlf.training.samples import TrainingSample
 logger = logging.getLogger(__name__)
 
 
+def seeded_optimizer(
+    backend: VLMBackend, learning_rate: float, weight_decay: float, seed: int
+) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, np.random.Generator]:
+    """AdamW over the backend's trainable parameters, with torch and the sample order seeded (both loops)."""
+    params = [p for p in backend.trainable_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"backend {backend.model_id!r} has no trainable parameters")
+    torch.manual_seed(seed)
+    return params, torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay), np.random.default_rng(seed)
+
+
 def sft_loss(backend: VLMBackend, batch: Sequence[TrainingSample]) -> torch.Tensor:
     out = backend.completion_logprobs([s.image for s in batch], [s.prompt for s in batch], [s.target for s in batch])
     return -masked_mean(out.logprobs, out.mask)
@@ -43,12 +54,7 @@ def train_sft(
     missing = [i for i, s in enumerate(samples) if not s.target]
     if missing:
         raise ValueError(f"samples {missing[:5]} have no target answer to learn")
-    params = [p for p in backend.trainable_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"backend {backend.model_id!r} has no trainable parameters")
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    params, optimizer, rng = seeded_optimizer(backend, config.learning_rate, config.weight_decay, config.seed)
     steps_per_epoch = math.ceil(len(samples) / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = int(config.warmup_ratio * total)
