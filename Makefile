@@ -8,7 +8,8 @@ VENV ?= .venv
 STUDIES ?= sample-data
 HOST ?= 127.0.0.1
 PORT ?= 8000
-CONF ?=
+# one intra-op thread: measured faster for the few-MB demo model on 2 cores (evlf bench infer, docs/app.md)
+CONF ?= --conf torch_threads 1
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
