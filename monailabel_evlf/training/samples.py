@@ -203,11 +203,14 @@ def _slice_samples(
     reasoning = largest.finding if largest else "No focal lesion is seen in this slice."
     out = []
     if "grounding" in options.tasks:
-        for label in sorted({b.label for b in boxes}):
-            mine = [b for b in boxes if b.label == label]
-            target = prompts.grounding_target(
-                reasons[label], mine, options.convention, rendered.size, options.model_input_size
-            )
+        # one question per label ("Locate the cyst") plus the open question the app asks by default ("Locate every
+        # abnormality"), answered with every box on the slice, so training and inference prompts agree
+        targets = [(label, [b for b in boxes if b.label == label]) for label in sorted({b.label for b in boxes})]
+        if boxes:
+            targets.append((None, boxes))
+        for label, mine in targets:
+            reason = reasons[label] if label else " ".join(dict.fromkeys(reasons.values()))
+            target = prompts.grounding_target(reason, mine, options.convention, rendered.size, options.model_input_size)
             out.append(
                 TrainingSample(
                     image=rendered.image,

@@ -53,7 +53,10 @@ def test_grounding_box_covers_the_lesion_pixels():
     volume = Volume(array, affine, {"modality": "CT"})
     box = VoxelBox(lo=[10, 20, 5], hi=[14, 26, 6], label="cyst")
     options = SampleOptions(convention=BoxConvention.NORMALIZED_100, size=(32, 32), window="bone", tasks=("grounding",))
-    (sample,) = correction_samples(volume, [box], options)
+    sample, open_question = correction_samples(volume, [box], options)
+    # the app's default open question ("every abnormality") is trained too, with the same answer
+    assert "every abnormality" in open_question.prompt and "the cyst" in sample.prompt
+    assert open_question.target == sample.target and open_question.label is None
     drawn = sample.boxes[0]
     assert (drawn.x1, drawn.y1, drawn.x2, drawn.y2) == bright_box(sample.image)
     body = json.loads(sample.target.split("<answer>")[1].split("</answer>")[0])
@@ -67,7 +70,7 @@ def test_phantom_samples_tasks_and_labels(phantom):
     tasks = {s.task for s in samples}
     assert tasks == {"grounding", "diagnosis", "vqa"}
     kinds = {les["label"] for les in phantom.ground_truth["lesions"]}
-    assert {s.label for s in samples if s.task == "grounding"} == kinds
+    assert {s.label for s in samples if s.task == "grounding"} == kinds | {None}
     assert "normal" in {s.label for s in samples if s.task == "diagnosis"}
     for sample in samples:
         assert sample.image.shape == (96, 96, 3) and sample.target.startswith("<think>")
@@ -83,7 +86,7 @@ def test_correction_samples_central_slices():
     samples = correction_samples(
         volume, [VoxelBox(lo=[2, 2, 3], hi=[6, 6, 8], label="cyst")], options, slices_per_box=3
     )
-    assert [s.source["index"] for s in samples] == [4, 5, 6]
+    assert [s.source["index"] for s in samples if s.label] == [4, 5, 6]  # + the open question on each slice
 
 
 def test_correction_samples_reject_bad_boxes():
