@@ -120,17 +120,22 @@ def test_next_sample_comes_from_orthanc(server, phantoms):
     assert response.json()["id"] == sidecar["dicom"]["series_instance_uid"]
 
 
-def test_dicom_sr_is_stored_back_through_stow_rs(server, orthanc, phantoms):
-    _, sidecar = phantoms
-    series_uid, study_uid = sidecar["dicom"]["series_instance_uid"], sidecar["dicom"]["study_instance_uid"]
+def _ground(server: str, sidecar: dict, output: str) -> dict:
+    """Grounding on the phantom's DICOM series with the given output; the result JSON."""
     response = requests.post(
         f"{server}/infer/evlf_grounding",
-        params={"image": series_uid},
-        data={"params": json.dumps({"output": "dicom_sr"})},
+        params={"image": sidecar["dicom"]["series_instance_uid"]},
+        data={"params": json.dumps({"output": output})},
         timeout=300,
     )
     assert response.status_code == 200, response.text
-    body = response.json()
+    return response.json()
+
+
+def test_dicom_sr_is_stored_back_through_stow_rs(server, orthanc, phantoms):
+    _, sidecar = phantoms
+    study_uid = sidecar["dicom"]["study_instance_uid"]
+    body = _ground(server, sidecar, "dicom_sr")
     assert body["dicom"]["stored"] == "stow-rs" and body["dicom"]["study_instance_uid"] == study_uid
 
     (sr,) = _stored_series(orthanc, study_uid, "SR")
@@ -142,15 +147,8 @@ def test_dicom_sr_is_stored_back_through_stow_rs(server, orthanc, phantoms):
 
 def test_dicom_seg_is_stored_back_through_stow_rs(server, orthanc, phantoms):
     _, sidecar = phantoms
-    series_uid, study_uid = sidecar["dicom"]["series_instance_uid"], sidecar["dicom"]["study_instance_uid"]
-    response = requests.post(
-        f"{server}/infer/evlf_grounding",
-        params={"image": series_uid},
-        data={"params": json.dumps({"output": "dicom_seg"})},
-        timeout=300,
-    )
-    assert response.status_code == 200, response.text
-    assert response.json()["dicom"]["stored"] == "stow-rs"
+    study_uid = sidecar["dicom"]["study_instance_uid"]
+    assert _ground(server, sidecar, "dicom_seg")["dicom"]["stored"] == "stow-rs"
     (seg,) = _stored_series(orthanc, study_uid, "SEG")
     boxes = read_segmentation_boxes(seg, sidecar["dicom"]["sop_instance_uids"])
     got = sorted((b.label, b.lo.tolist(), b.hi.tolist()) for b in boxes)
