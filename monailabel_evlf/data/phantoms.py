@@ -28,11 +28,12 @@ from monailabel_evlf.imaging.geometry import (
     lps_to_ras,
     voxel_box_to_world,
     voxel_to_world,
+    world_to_voxel,
 )
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 LESION_KINDS: tuple[str, ...] = ("cyst", "hyperdense lesion", "ring-enhancing lesion")
 # organ_map value = index + 1
 ORGANS: tuple[str, ...] = ("liver", "spleen", "right kidney", "left kidney")
@@ -45,16 +46,25 @@ DICOM_DIR = "dicom"
 AIR_HU = -1000.0
 _MIN_SHAPE = 8
 _MAX_PLACEMENT_TRIES = 60
-_MIN_LESION_VOXELS = 8
-# lesion diameter range (mm); kidneys are small hosts
+_TRIES_PER_DIAMETER = 10
+# a few voxels: a 6 mm lesion on a fine grid; on a coarse one the draw is repeated until it shows
+_MIN_LESION_VOXELS = 4
+# lesion diameter range (mm), drawn log-uniform so small lesions are common; kidneys are small hosts
 _DIAMETER_MM = {
-    "liver": (16.0, 40.0),
-    "spleen": (14.0, 30.0),
-    "right kidney": (14.0, 26.0),
-    "left kidney": (14.0, 26.0),
+    "liver": (6.0, 40.0),
+    "spleen": (6.0, 30.0),
+    "right kidney": (6.0, 26.0),
+    "left kidney": (6.0, 26.0),
 }
+_N_LESIONS_P = (0.2, 0.3, 0.25, 0.15, 0.1)  # P(0), ..., P(4 lesions)
+_IN_PLANE_FOV_MM = (260.0, 440.0)
+_SLAB_MM = (140.0, 240.0)  # extent along k: 3.5-6 mm slices at the default 40
 _LOBULATION = {"cyst": 0.0, "hyperdense lesion": 0.15, "ring-enhancing lesion": 0.06}
-_ORGAN_HU = {"liver": (55.0, 65.0), "spleen": (44.0, 50.0), "right kidney": (30.0, 36.0), "left kidney": (30.0, 36.0)}
+_ORGAN_HU = {"liver": (48.0, 70.0), "spleen": (40.0, 55.0), "right kidney": (26.0, 40.0), "left kidney": (26.0, 40.0)}
+_HYPERDENSE_ABOVE_HOST_HU = (20.0, 35.0)
+_NOISE_SD_HU = (6.0, 18.0)
+# patient side of each organ: LPS x < 0 is the patient's right
+ORGAN_SIDES = {"liver": "right", "spleen": "left", "right kidney": "right", "left kidney": "left"}
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,8 @@ class Ellipsoid:
 
     def local(self, points: np.ndarray) -> np.ndarray:
         """Points (..., 3) in units of the semi-axes, in the ellipsoid's own frame (inside: norm < 1)."""
-        return ((points - self.center) @ self.rotation) / self.semi_axes
+        dtype = points.dtype  # float32 grids stay float32 (twice as fast)
+        return ((points - self.center.astype(dtype)) @ self.rotation.astype(dtype)) / self.semi_axes.astype(dtype)
 
     def radius(self, points: np.ndarray) -> np.ndarray:
         return np.linalg.norm(self.local(points), axis=-1)
@@ -107,9 +118,9 @@ def _make_affine(
 ) -> np.ndarray:
     """Anisotropic spacing (rectangular in-plane pixels, thicker slices), a direction matrix of the requested
     kind (always right-handed, so DICOM readers keep the slice order) and the grid centred on ``fov_center``."""
-    spacing_i = round(rng.uniform(340.0, 400.0) / shape[0], 3)
+    spacing_i = round(rng.uniform(*_IN_PLANE_FOV_MM) / shape[0], 3)
     voxel_spacing = np.array(
-        [spacing_i, round(spacing_i * rng.uniform(0.92, 1.08), 3), round(rng.uniform(190.0, 230.0) / shape[2], 3)]
+        [spacing_i, round(spacing_i * rng.uniform(0.92, 1.08), 3), round(rng.uniform(*_SLAB_MM) / shape[2], 3)]
     )
     if orientation == "identity":
         directions = np.eye(3)
@@ -216,22 +227,45 @@ def _lesion_mask(
     return relative < 1.0, relative
 
 
+def _half_extent(shape: Ellipsoid) -> np.ndarray:
+    """Half the ellipsoid's extent along LPS x, y, z (its axes' world vectors are ``rotation * semi_axes``)."""
+    return np.linalg.norm(shape.rotation * shape.semi_axes, axis=1)
+
+
+def _lesion_window(
+    shape: Ellipsoid, reach_mm: float, affine: np.ndarray, grid: tuple[int, ...]
+) -> tuple[slice, slice, slice]:
+    """The sub-grid that can hold a lesion reaching ``reach_mm`` from its centre (evaluating only there keeps
+    placement fast)."""
+    corners = shape.center + reach_mm * np.array([[u, v, w] for u in (-1, 1) for v in (-1, 1) for w in (-1, 1)])
+    edges = world_to_voxel(corners, affine)
+    lo = np.clip(np.floor(edges.min(axis=0)).astype(int) - 1, 0, grid)
+    hi = np.clip(np.ceil(edges.max(axis=0)).astype(int) + 1, 0, grid)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+
+
 def _place_lesion(
     rng: np.random.Generator,
     points: np.ndarray,
+    affine: np.ndarray,
     kind: str,
     organ: str,
     host: Ellipsoid,
     organ_map: np.ndarray,
     labelmap: np.ndarray,
-) -> tuple[float, Ellipsoid, np.ndarray, np.ndarray] | None:
-    """Draw lesion shapes until one lies wholly in the visible host organ, inside the field of view (not on
-    its border) and clear of earlier lesions; ``None`` after :data:`_MAX_PLACEMENT_TRIES` draws."""
+    midline_x: float,
+) -> tuple[float, Ellipsoid, tuple[slice, slice, slice], np.ndarray, np.ndarray] | None:
+    """Draw lesion shapes until one lies wholly in the visible host organ on the organ's side of the midline
+    (so a liver lesion is on the patient's right), inside the field of view (not on its border), clear of earlier
+    lesions and at least :data:`_MIN_LESION_VOXELS` voxels; ``None`` after :data:`_MAX_PLACEMENT_TRIES` draws.
+    Returns the diameter, the shape, and the mask and relative radius on the sub-grid ``window``."""
     host_id = ORGANS.index(organ) + 1
-    border = np.ones(labelmap.shape, dtype=bool)
-    border[1:-1, 1:-1, 1:-1] = False
-    for _ in range(_MAX_PLACEMENT_TRIES):
-        diameter = float(rng.uniform(*_DIAMETER_MM[organ]))
+    side = -1.0 if ORGAN_SIDES[organ] == "right" else 1.0
+    grid = labelmap.shape
+    log_range = np.log(_DIAMETER_MM[organ])
+    for attempt in range(_MAX_PLACEMENT_TRIES):
+        if attempt % _TRIES_PER_DIAMETER == 0:  # try several places before giving up on a size
+            diameter = float(np.exp(rng.uniform(*log_range)))
         semi_axes = diameter / 2.0 * rng.uniform(0.8, 1.0, size=3)
         semi_axes[rng.integers(3)] = diameter / 2.0
         direction = rng.normal(size=3)
@@ -239,15 +273,34 @@ def _place_lesion(
         shape = Ellipsoid(
             host.center + host.rotation @ (offset * host.semi_axes), semi_axes, _random_rotation(rng, 0, 180)
         )
-        mask, relative = _lesion_mask(points, shape, _LOBULATION[kind], rng.uniform(0.0, 2 * np.pi))
+        phase = rng.uniform(0.0, 2 * np.pi)
+        window = _lesion_window(shape, diameter / 2.0 * (1.0 + _LOBULATION[kind]), affine, grid)
+        mask, relative = _lesion_mask(points[window], shape, _LOBULATION[kind], phase)
+        where = np.argwhere(mask) + [w.start for w in window]
         if (
-            mask.sum() >= _MIN_LESION_VOXELS
-            and not np.any(border[mask])
-            and np.all(organ_map[mask] == host_id)
-            and not np.any(labelmap[mask])
+            len(where) >= _MIN_LESION_VOXELS
+            and where.min() > 0
+            and np.all(where.max(axis=0) < np.asarray(grid) - 1)
+            and np.all(organ_map[window][mask] == host_id)
+            and not np.any(labelmap[window][mask])
+            and np.all((points[window][mask][:, 0] - midline_x) * side > 0)
         ):
-            return diameter, shape, mask, relative
+            return diameter, shape, window, mask, relative
     return None
+
+
+def _lesion_position(center: np.ndarray, host: Ellipsoid, midline_x: float) -> dict[str, Any]:
+    """Where a lesion lies within its host organ, from the organ's analytic centre, in patient space (so it holds
+    whatever the grid orientation). ``relative_offset_lps`` is in units of the organ's half extent per LPS axis;
+    a VQA question should skip a direction whose offset is near 0."""
+    offset = (center - host.center) / _half_extent(host)
+    medial = abs(center[0] - midline_x) < abs(host.center[0] - midline_x)
+    return {
+        "superior_inferior": "upper" if offset[2] > 0 else "lower",
+        "anterior_posterior": "posterior" if offset[1] > 0 else "anterior",
+        "medial_lateral": "medial" if medial else "lateral",
+        "relative_offset_lps": _round(offset),
+    }
 
 
 def _finding(kind: str, organ: str, diameter_mm: float, hu: float, rim_hu: float | None) -> str:
@@ -304,9 +357,9 @@ def make_phantom(
     """Generate one abdominal CT study, fully determined by ``seed`` and the arguments.
 
     ``kinds`` / ``organs`` restrict the lesion kinds and host organs (a distribution shift for experiments);
-    ``n_lesions`` defaults to 0-3 drawn at random, ``orientation`` (one of :data:`ORIENTATIONS`) to a random
-    one. A lesion that cannot be placed fully inside its host organ and the field of view is dropped (logged),
-    so ``ground_truth["lesions"]`` is always what the image shows.
+    ``n_lesions`` defaults to 0-4 drawn at random (several may share an organ), ``orientation`` (one of
+    :data:`ORIENTATIONS`) to a random one. A lesion that cannot be placed fully inside its host organ and the
+    field of view is dropped (logged), so ``ground_truth["lesions"]`` is always what the image shows.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < _MIN_SHAPE:
@@ -317,62 +370,77 @@ def make_phantom(
         raise ValueError(f"n_lesions must be >= 0, got {n_lesions}")
     rng = np.random.default_rng(seed)
     # always drawn, so giving the drawn value explicitly reproduces the same study
-    drawn_orientation, drawn_n_lesions = str(rng.choice(ORIENTATIONS)), int(rng.choice(4, p=[0.2, 0.4, 0.25, 0.15]))
+    drawn_orientation = str(rng.choice(ORIENTATIONS))
+    drawn_n_lesions = int(rng.choice(len(_N_LESIONS_P), p=_N_LESIONS_P))
     orientation = orientation or drawn_orientation
     n_lesions = drawn_n_lesions if n_lesions is None else n_lesions
 
     # Patients lie head first supine on the table: body midline at x = 0, table height and level vary.
     anatomy_center = np.array([0.0, round(rng.uniform(-30.0, 30.0), 1), round(rng.uniform(-250.0, 50.0), 1)])
-    fov_center = anatomy_center + np.round(rng.uniform([-10.0, -10.0, -15.0], [10.0, 10.0, 15.0]), 1)
+    fov_center = anatomy_center + np.round(rng.uniform([-10.0, -10.0, -40.0], [10.0, 10.0, 40.0]), 1)
     affine = _make_affine(rng, shape, orientation, fov_center)
     index = np.stack(np.meshgrid(*(np.arange(s, dtype=np.float64) for s in shape), indexing="ij"), axis=-1)
-    points = voxel_to_world(index + 0.5, affine)  # voxel centres
+    points = voxel_to_world(index + 0.5, affine).astype(np.float32)  # voxel centres
 
     organ_shapes = _organ_shapes(rng, anatomy_center)
     image, organ_map, organ_hu = _paint_anatomy(rng, points, anatomy_center, organ_shapes)
     texture = _smooth_noise(rng, shape, 1.5)
     solid = organ_map > 0
-    image[solid] += 6.0 * texture[solid]
+    image[solid] += rng.uniform(4.0, 8.0) * texture[solid]
+    midline_x = float(anatomy_center[0])
+    visible = np.bincount(organ_map.reshape(-1), minlength=len(ORGANS) + 1)[1:]
+    organ_entries = {
+        name: {
+            "center_lps": _round(organ_shapes[name].center),
+            "side": ORGAN_SIDES[name],
+            "visible_voxels": int(count),
+            "in_field_of_view": bool(count > 0),
+        }
+        for name, count in zip(ORGANS, visible, strict=True)
+    }
 
     labelmap = np.zeros(shape, dtype=np.int16)
     lesions = []
     for _ in range(n_lesions):
         kind, organ = str(rng.choice(kinds)), str(rng.choice(organs))
-        placed = _place_lesion(rng, points, kind, organ, organ_shapes[organ], organ_map, labelmap)
+        host = organ_shapes[organ]
+        placed = _place_lesion(rng, points, affine, kind, organ, host, organ_map, labelmap, midline_x)
         if placed is None:
             logger.info("seed %s: no room for a %s in the %s within the field of view; dropped", seed, kind, organ)
             continue
-        diameter, shape_, mask, relative = placed
+        diameter, shape_, window, mask, relative = placed
         lesion_id = len(lesions) + 1
-        labelmap[mask] = lesion_id
+        labelmap[window][mask] = lesion_id
         rim_hu = None
         if kind == "cyst":
             hu = round(float(rng.uniform(0.0, 12.0)), 1)
-            image[mask] = hu
+            image[window][mask] = hu
         elif kind == "hyperdense lesion":
-            hu = round(float(rng.uniform(72.0, 92.0)), 1)
-            image[mask] = hu + 4.0 * texture[mask]
+            hu = round(organ_hu[organ] + float(rng.uniform(*_HYPERDENSE_ABOVE_HOST_HU)), 1)
+            image[window][mask] = hu + 4.0 * texture[window][mask]
         else:
             hu, rim_hu = round(float(rng.uniform(10.0, 25.0)), 1), round(float(rng.uniform(110.0, 140.0)), 1)
-            image[mask] = np.where(relative[mask] > 0.62, rim_hu, hu) + 3.0 * texture[mask]
+            image[window][mask] = np.where(relative[mask] > 0.62, rim_hu, hu) + 3.0 * texture[window][mask]
         lesions.append(
             {
                 "id": lesion_id,
                 "label": kind,
                 "organ": organ,
+                "side": "right" if shape_.center[0] < midline_x else "left",
+                "position": _lesion_position(shape_.center, host, midline_x),
                 "finding": _finding(kind, organ, diameter, hu, rim_hu),
                 "center_lps": _round(shape_.center),
                 "diameter_mm": round(float(diameter), 1),
                 "attenuation_hu": hu,
                 "rim_attenuation_hu": rim_hu,
                 "voxel_count": int(mask.sum()),
-                **_box_entries(mask, affine, kind),
+                **_box_entries(labelmap == lesion_id, affine, kind),
             }
         )
 
     # partial-volume blur of the edges, then quantum noise; CT stores integer HU
     image = gaussian_filter(image, 0.35)
-    noise_sd = rng.uniform(8.0, 14.0)
+    noise_sd = rng.uniform(*_NOISE_SD_HU)
     image += noise_sd * _smooth_noise(rng, shape, 0.4)
     image = np.clip(np.rint(image), -1024.0, 3071.0).astype(np.float32)
 
@@ -389,6 +457,7 @@ def make_phantom(
         "affine_lps": affine.tolist(),
         "anatomy_center_lps": _round(anatomy_center),
         "organ_attenuation_hu": organ_hu,
+        "organs": organ_entries,
         "diagnosis": diagnosis,
         "report": report,
         "lesions": lesions,

@@ -13,10 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from monailabel_evlf.data.phantoms import (
+    _MIN_LESION_VOXELS,
     LESION_KINDS,
     NORMAL_LABEL,
+    ORGAN_SIDES,
     ORGANS,
     ORIENTATIONS,
+    Ellipsoid,
+    _lesion_position,
     make_phantom,
     read_ground_truth,
     save_phantom,
@@ -141,12 +145,88 @@ def test_anatomy_and_lesions_sit_on_the_anatomical_side(orientation):
                 assert lesion["world_box"]["center"][1] > centre[1]  # posterior (LPS y grows to Posterior)
 
 
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_lesion_side_is_the_patient_side_of_its_organ(orientation):
+    """A liver or right-kidney lesion is on the patient's right (every voxel at LPS x < 0), a spleen or
+    left-kidney lesion on the left, whatever the grid; ``organs`` gives each organ's side and visible part."""
+    for seed in range(4):
+        phantom = make_phantom(seed, shape=SMALL, orientation=orientation, n_lesions=4)
+        truth = phantom.ground_truth
+        index = np.argwhere(np.ones(SMALL, dtype=bool)).astype(float)
+        world_x = (index @ phantom.affine[:3, :3].T + phantom.affine[:3, 3])[:, 0].reshape(SMALL)
+        for lesion in truth["lesions"]:
+            expected = {"liver": "right", "right kidney": "right", "spleen": "left", "left kidney": "left"}
+            assert lesion["side"] == expected[lesion["organ"]] == ORGAN_SIDES[lesion["organ"]]
+            x = world_x[phantom.labelmap == lesion["id"]]
+            assert np.all(x < 0) if lesion["side"] == "right" else np.all(x > 0)
+        for organ_id, organ in enumerate(ORGANS, start=1):
+            entry = truth["organs"][organ]
+            assert entry["side"] == ORGAN_SIDES[organ]
+            assert entry["visible_voxels"] == int((phantom.organ_map == organ_id).sum())
+            assert entry["in_field_of_view"] == (entry["visible_voxels"] > 0)
+            assert (entry["center_lps"][0] < 0) == (entry["side"] == "right")
+
+
+def test_lesion_position_within_its_organ_hand_computed():
+    """Host centred at x = -60 (patient right) with half extents 50 / 40 / 30 mm: a lesion at (-30, 10, -15) is
+    medial (nearer the midline), posterior (LPS y > centre) and in the lower part, offsets (0.6, 0.25, -0.5)."""
+    host = Ellipsoid(np.array([-60.0, 0.0, 0.0]), np.array([50.0, 40.0, 30.0]))
+    got = _lesion_position(np.array([-30.0, 10.0, -15.0]), host, midline_x=0.0)
+    assert got == {
+        "superior_inferior": "lower",
+        "anterior_posterior": "posterior",
+        "medial_lateral": "medial",
+        "relative_offset_lps": [0.6, 0.25, -0.5],
+    }
+    # the same offset on the left organ mirrored: still medial; further out than the centre: lateral
+    mirrored = Ellipsoid(np.array([60.0, 0.0, 0.0]), np.array([50.0, 40.0, 30.0]))
+    assert _lesion_position(np.array([30.0, -10.0, 15.0]), mirrored, 0.0)["medial_lateral"] == "medial"
+    assert _lesion_position(np.array([90.0, -10.0, 15.0]), mirrored, 0.0)["medial_lateral"] == "lateral"
+    assert _lesion_position(np.array([90.0, -10.0, 15.0]), mirrored, 0.0)["anterior_posterior"] == "anterior"
+
+
+def test_phantom_positions_agree_with_the_organ_centres():
+    for seed in range(3):
+        truth = make_phantom(seed, shape=SMALL, n_lesions=4).ground_truth
+        for lesion in truth["lesions"]:
+            organ_centre = np.asarray(truth["organs"][lesion["organ"]]["center_lps"])
+            x, y, z = lesion["center_lps"]
+            position = lesion["position"]
+            assert position["superior_inferior"] == ("upper" if z > organ_centre[2] else "lower")
+            assert position["anterior_posterior"] == ("posterior" if y > organ_centre[1] else "anterior")
+            assert position["medial_lateral"] == ("medial" if abs(x) < abs(organ_centre[0]) else "lateral")
+            assert np.all(np.sign(position["relative_offset_lps"]) == np.sign([x, y, z] - organ_centre))
+
+
+def test_studies_vary_field_of_view_spacing_lesion_count_and_size():
+    """Across seeds at the default shape: in-plane field of view 260-440 mm, 3.5-6 mm slices, 0-4 lesions with
+    lesion-free studies and two lesions in one organ, lesions from a few voxels (on one or two slices) up."""
+    truths = [make_phantom([21, index]).ground_truth for index in range(16)]
+    fov = np.array([t["spacing"][0] * t["shape"][0] for t in truths])
+    thickness = np.array([t["spacing"][2] for t in truths])
+    assert np.all((fov >= 260.0 - 0.1) & (fov <= 440.0 + 0.1)) and np.ptp(fov) > 100.0
+    assert np.all((thickness >= 3.5 - 1e-3) & (thickness <= 6.0 + 1e-3)) and np.ptp(thickness) > 1.0
+    counts = [len(t["lesions"]) for t in truths]
+    assert max(counts) <= 4 and 0 in counts and len(set(counts)) >= 3
+    organs_per_study = [[lesion["organ"] for lesion in t["lesions"]] for t in truths]
+    assert any(len(organs) > len(set(organs)) for organs in organs_per_study)
+    lesions = [lesion for t in truths for lesion in t["lesions"]]
+    assert all(lesion["voxel_count"] >= _MIN_LESION_VOXELS for lesion in lesions)
+    assert min(lesion["diameter_mm"] for lesion in lesions) < 10.0
+    assert any(len(lesion["slice_boxes"]) <= 2 and lesion["voxel_count"] < 20 for lesion in lesions)
+    assert max(lesion["diameter_mm"] for lesion in lesions) > 25.0
+    liver_hu = [t["organ_attenuation_hu"]["liver"] for t in truths]
+    assert np.ptp(liver_hu) > 10.0
+
+
 def test_lesion_attenuation_matches_its_kind():
     seen = set()
-    for seed in range(4):
+    for seed in range(6):
         phantom = make_phantom(seed, n_lesions=3)
         hu_of_organ = phantom.ground_truth["organ_attenuation_hu"]
         for lesion in phantom.ground_truth["lesions"]:
+            if lesion["voxel_count"] < 20:  # the median of a few voxels is mostly noise
+                continue
             values = phantom.image[phantom.labelmap == lesion["id"]]
             host = hu_of_organ[lesion["organ"]]
             seen.add(lesion["label"])
@@ -155,6 +235,7 @@ def test_lesion_attenuation_matches_its_kind():
                 assert abs(np.median(values) - lesion["attenuation_hu"]) < 20.0
             elif lesion["label"] == "hyperdense lesion":
                 assert np.median(values) > host + 10.0
+                assert host + 20.0 <= lesion["attenuation_hu"] <= host + 35.0  # relative to its host
             else:
                 assert np.percentile(values, 90) > host + 30.0  # the enhancing rim
                 assert lesion["rim_attenuation_hu"] > 100.0 > lesion["attenuation_hu"]
