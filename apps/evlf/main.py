@@ -50,6 +50,12 @@ class EVLFApp(MONAILabelApp):
             version=monailabel_evlf.__version__,
         )
         self._auto_update_scoring = self.evlf_config.auto_scoring
+        from monailabel_evlf.app.server import install
+
+        try:
+            install(self, self.evlf_config)
+        except (ValueError, OSError) as exc:
+            _stop(f"EVLF app cannot start its guard (--conf auth_token_file / cors_origins): {exc}")
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
@@ -62,6 +68,8 @@ class EVLFApp(MONAILabelApp):
 
         return CheckedLocalDatastore(
             self.studies,
+            targets=self.evlf_config.targets,
+            limits=self.evlf_config.limits,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,

@@ -135,6 +135,8 @@ def _load_document(json_or_path: Mapping[str, Any] | str | Path | bytes) -> Mapp
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{source} is not valid JSON: {e}") from e
+    except RecursionError:  # json nests with the C stack: a 100k-deep document must be a ValueError, not a crash
+        raise ValueError(f"{source}: JSON nested too deeply for a markups document") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: a markups document is a JSON object, got {type(doc).__name__}")
     return doc

@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from monailabel_evlf.app.security import Limits, truth
+from monailabel_evlf.tasks.labels import NORMAL_LABEL
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL_DIR = REPO_ROOT / "models" / "evlf-demo"
 DEFAULT_LABELS: tuple[str, ...] = ("cyst", "hyperdense lesion", "ring-enhancing lesion")
-NORMAL_LABEL = "normal"
 DTYPES = ("float32", "float16", "bfloat16")
 OUTPUTS = ("markups", "labelmap", "json", "dicom_sr", "dicom_seg")
 # keys MONAI Label itself (or its sample apps' habits) may pass to any app; accepted and ignored here
@@ -61,11 +63,33 @@ class AppConfig:
     train_method: str = "grpo"  # "grpo" or "sft"
     torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (small models on busy CPUs: 1)
     auto_scoring: bool = False  # MONAI Label's default re-scores all images in a child process at start-up
+    # security and resource limits (docs/security.md)
+    max_voxels: int = Limits.max_voxels
+    max_upload_mb: int = Limits.max_upload_bytes >> 20
+    max_options: int = Limits.max_options
+    max_text_chars: int = Limits.max_text_chars
+    max_rois: int = Limits.max_rois
+    max_train_steps: int = Limits.max_train_steps
+    max_queued_requests: int = 4  # infer requests waiting for the model; more get 429
+    cors_origins: tuple[str, ...] = ()  # allowed browser origins besides the server's own loopback origin
+    auth_token_file: str = ""  # a file holding the shared secret: turns bearer-token authentication on
+    logs_endpoint: bool = False  # MONAI Label's /logs/ (the server log) is off unless enabled
     extra: dict[str, str] = field(default_factory=dict)  # backend-specific options: "backend.<key>" conf entries
 
     @property
     def vocabulary(self) -> tuple[str, ...]:
         return (*self.labels, NORMAL_LABEL) if NORMAL_LABEL not in self.labels else self.labels
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_voxels=self.max_voxels,
+            max_upload_bytes=self.max_upload_mb << 20,
+            max_options=self.max_options,
+            max_text_chars=self.max_text_chars,
+            max_rois=self.max_rois,
+            max_train_steps=self.max_train_steps,
+        )
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -83,12 +107,10 @@ def _int(option: str, value: str, minimum: int) -> int:
 
 
 def _bool(option: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(option, f"expected true/false, got {value!r}")
+    parsed = truth(value)
+    if parsed is None:
+        raise ConfigError(option, f"expected true/false, got {value!r}")
+    return parsed
 
 
 def _names(option: str, value: str) -> tuple[str, ...]:
@@ -129,7 +151,7 @@ def parse_app_config(conf: Mapping[str, str]) -> AppConfig:
             continue
         if key not in known:
             raise ConfigError(key, f"unknown option; known: {', '.join(sorted(known))}, backend.<name>")
-        if key in ("backend", "model", "modality", "adapters"):
+        if key in ("backend", "model", "modality", "adapters", "auth_token_file"):
             if not value:
                 raise ConfigError(key, "must not be empty")
             values[key] = value
@@ -139,13 +161,15 @@ def parse_app_config(conf: Mapping[str, str]) -> AppConfig:
             values[key] = value
         elif key == "dtype":
             values[key] = _choice(key, value, DTYPES)
-        elif key in ("trust_remote_code", "auto_scoring"):
+        elif key in ("trust_remote_code", "auto_scoring", "logs_endpoint"):
             values[key] = _bool(key, value)
-        elif key in ("labels", "findings"):
+        elif key in ("labels", "findings", "cors_origins"):
             values[key] = _names(key, value)
         elif key == "slice_axis":
             values[key] = None if value == "auto" else int(_choice(key, value, ("auto", "0", "1", "2")))
-        elif key in ("slice_stride", "max_slices", "batch_size", "max_new_tokens", "min_slices", "samples"):
+        elif key in ("slice_stride", "max_slices", "batch_size", "max_new_tokens", "min_slices", "samples") or (
+            key.startswith("max_")
+        ):
             values[key] = _int(key, value, 1)
         elif key == "torch_threads":
             values[key] = _int(key, value, 0)

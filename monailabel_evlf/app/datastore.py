@@ -1,88 +1,280 @@
-"""Request and label checks in front of MONAI Label's datastores.
+"""The local studies folder as the EVLF app serves it: every id, tag and upload checked, every write atomic.
 
-MONAI Label's ``save_label`` copies whatever bytes arrive into the datastore, and an unknown model or image ends
-as an opaque 500. The checks here answer 4xx with a message instead and keep corrupt labels out of the
-datastore, where they would otherwise break training later.
+MONAI Label's ``LocalDatastore`` joins client-given ids and tags onto its folders, copies whatever bytes arrive
+into them and rewrites ``datastore_v2.json`` in place. Here ids and tags go through one validator
+(:mod:`monailabel_evlf.app.security`), nothing is read, written or deleted outside the studies folder, uploads are
+checked for what they claim (3D, voxel and byte caps, geometry of the image, labels training can use) and land by
+temp file + rename, and a torn index left by a crash is set aside and rebuilt from the files instead of stopping
+the server.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastapi import HTTPException
-from monailabel.datastore.local import LocalDatastore
+import nibabel as nib
+import numpy as np
+import pydicom
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+
+from monailabel_evlf.annotations.slicer_markups import read_roi_markups
+from monailabel_evlf.app.security import (
+    Limits,
+    check_id,
+    check_json_object,
+    check_tag,
+    check_volume_file,
+    contained,
+    refuse,
+    truth,
+    volume_suffix,
+    write_atomic,
+)
+from monailabel_evlf.imaging.geometry import world_box_to_voxel
+from monailabel_evlf.imaging.volume import load_volume
+
+logger = logging.getLogger(__name__)
 
 MARKUPS_SUFFIXES = (".json",)
-IMAGE_LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd")
+IMAGE_LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 DICOM_LABEL_SUFFIXES = (".dcm",)
+_AFFINE_ATOL_MM = 1e-3
 
 
-def _suffix(path: str) -> str:
-    name = Path(path).name.lower()
+def label_suffix(name: str) -> str:
+    """The label format of a file name; 415 for anything the train task cannot read."""
+    lowered = Path(name).name.lower()
     for suffix in (*IMAGE_LABEL_SUFFIXES, *MARKUPS_SUFFIXES, *DICOM_LABEL_SUFFIXES):
-        if name.endswith(suffix):
+        if lowered.endswith(suffix):
             return suffix
-    return "".join(Path(name).suffixes)
+    supported = ", ".join((*MARKUPS_SUFFIXES, *IMAGE_LABEL_SUFFIXES, *DICOM_LABEL_SUFFIXES))
+    raise refuse(415, f"unsupported label format {Path(name).name[:80]!r}; use {supported}")
 
 
-def check_label_file(label_path: str, image_path: str) -> None:
-    """Raise 422 unless ``label_path`` is a readable Slicer markups JSON, a label map on the image's grid, or a
-    DICOM SR / SEG."""
+def _check_markups(label_path: str, image: Any, targets: Sequence[str], limits: Limits) -> None:
+    try:
+        boxes = read_roi_markups(label_path)
+    except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as exc:
+        raise refuse(422, f"malformed 3D Slicer markups JSON: {exc}") from None
+    if len(boxes) > limits.max_rois:
+        raise refuse(422, f"{len(boxes)} ROIs in one label; the limit is {limits.max_rois}")
+    known = {t.lower(): t for t in targets}
+    for n, box in enumerate(boxes, 1):
+        if not box.label or box.label.strip().lower() not in known:
+            raise refuse(422, f"ROI {n} has finding label {box.label!r}; name each ROI one of: {', '.join(targets)}")
+        if np.any(box.size <= 0):
+            raise refuse(422, f"ROI {n} ({box.label}) has zero size {box.size.tolist()}")
+        if image is not None:
+            voxel = world_box_to_voxel(box, image.affine)
+            if np.any(np.asarray(voxel.hi) <= 0) or np.any(np.asarray(voxel.lo) >= np.asarray(image.shape)):
+                raise refuse(422, f"ROI {n} ({box.label}) lies outside the image")
+
+
+def _check_labelmap(label_path: str, image: Any, targets: Sequence[str], limits: Limits) -> None:
+    check_volume_file(label_path, limits)
+    if label_path.lower().endswith((".nii", ".nii.gz")):
+        kind = nib.load(label_path).header.get_data_dtype().kind
+        if kind not in "iub":
+            raise refuse(422, "a label map must hold integers (its data type is floating point)")
+    try:
+        label = load_volume(label_path, dtype=np.float64)
+    except Exception as exc:  # ITK raises RuntimeError on corrupt files, ValueError on non-3D
+        raise refuse(422, f"unreadable label map ({type(exc).__name__})") from None
+    values = label.array
+    if not np.array_equal(values, np.round(values)):
+        raise refuse(422, "a label map must hold integers")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low < 0 or high > len(targets):
+        raise refuse(422, f"label values must lie in 0..{len(targets)} (one per finding), got {low:g}..{high:g}")
+    if image is not None:
+        if label.shape != image.shape:
+            raise refuse(422, f"label map shape {label.shape} does not match the image's {image.shape}")
+        if not np.allclose(label.affine, image.affine, atol=_AFFINE_ATOL_MM):
+            raise refuse(422, "label map geometry (origin, spacing, directions) does not match the image")
+
+
+def check_label_file(label_path: str, image_path: str, targets: Sequence[str], limits: Limits) -> None:
+    """422 / 415 unless the label is something training can use on this image: Slicer ROI markups naming known
+    findings inside the image, an integer label map on the image's grid, or a DICOM SR / SEG of a DICOM study."""
     if not os.path.isfile(label_path) or os.path.getsize(label_path) == 0:
-        raise HTTPException(422, "the label file is empty")
-    suffix = _suffix(label_path)
-    if suffix in MARKUPS_SUFFIXES:
-        from monailabel_evlf.annotations.slicer_markups import read_roi_markups
-
-        try:
-            read_roi_markups(label_path)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise HTTPException(422, f"malformed 3D Slicer markups JSON: {exc}") from exc
-    elif suffix in IMAGE_LABEL_SUFFIXES:
-        from monailabel_evlf.imaging.volume import load_volume
-
-        try:
-            label = load_volume(label_path)
-        except Exception as exc:  # ITK raises RuntimeError on corrupt files, ValueError on non-3D
-            raise HTTPException(422, f"unreadable label map: {exc}") from exc
-        image_shape = load_volume(image_path).shape if image_path and os.path.isfile(image_path) else None
-        if image_shape is not None and label.shape != image_shape:
-            raise HTTPException(422, f"label map shape {label.shape} does not match the image's {image_shape}")
-    elif suffix in DICOM_LABEL_SUFFIXES:
-        import pydicom
-
+        raise refuse(422, "the label file is empty")
+    suffix = label_suffix(label_path)
+    if suffix in DICOM_LABEL_SUFFIXES:
+        if not os.path.isdir(image_path):
+            raise refuse(422, "a DICOM SR / SEG label needs a DICOM study; this image is a volume file")
         try:
             modality = pydicom.dcmread(label_path, stop_before_pixels=True).get("Modality")
-        except Exception as exc:  # pydicom raises several error types on truncated files
-            raise HTTPException(422, f"unreadable DICOM label: {exc}") from exc
+        except Exception:  # pydicom raises several error types on truncated files
+            raise refuse(422, "unreadable DICOM label") from None
         if modality not in ("SR", "SEG"):
-            raise HTTPException(422, f"a DICOM label must be an SR or SEG, got modality {modality!r}")
+            raise refuse(422, f"a DICOM label must be an SR or SEG, got modality {modality!r}")
+        return
+    image = load_volume(image_path) if image_path and os.path.isfile(image_path) else None
+    if suffix in MARKUPS_SUFFIXES:
+        if os.path.getsize(label_path) > limits.max_json_bytes:
+            raise refuse(413, f"markups JSON larger than {limits.max_json_bytes} bytes")
+        _check_markups(label_path, image, targets, limits)
     else:
-        supported = ", ".join((*MARKUPS_SUFFIXES, *IMAGE_LABEL_SUFFIXES, *DICOM_LABEL_SUFFIXES))
-        raise HTTPException(422, f"unsupported label format {suffix or '(no suffix)'!r}; use {supported}")
+        _check_labelmap(label_path, image, targets, limits)
 
 
 class CheckedLocalDatastore(LocalDatastore):
-    """The local folder datastore, refusing labels for unknown images and labels that cannot be read."""
+    """``LocalDatastore`` with one id / tag validator, upload checks and atomic writes (see the module doc)."""
+
+    def __init__(
+        self, datastore_path: str, *args: Any, targets: Sequence[str] = (), limits: Limits = Limits(), **kwargs: Any
+    ) -> None:
+        self.targets = tuple(targets)
+        self.limits = limits
+        _set_aside_torn_index(Path(datastore_path) / kwargs.get("datastore_config", "datastore_v2.json"))
+        super().__init__(datastore_path, *args, **kwargs)
+        self._root = Path(datastore_path).resolve()
+
+    # -- reads: ids validated, unknown ids are 404 ------------------------------------------------------------
+
+    def _known(self, image_id: str) -> Any:
+        obj = self._datastore.objects.get(check_id(image_id))
+        if not obj:
+            raise refuse(404, f"image {image_id!r} is not in the datastore")
+        return obj
+
+    def get_image_uri(self, image_id: str) -> str:
+        uri = super().get_image_uri(check_id(image_id))
+        return str(contained(self._root, uri)) if uri else ""
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        uri = super().get_label_uri(check_id(label_id, "label id"), check_tag(label_tag))
+        return str(contained(self._root, uri)) if uri else ""
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        self._known(image_id)
+        return super().get_image_info(image_id)
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
+        return super().get_label_info(check_id(label_id, "label id"), check_tag(label_tag))
+
+    # -- writes ------------------------------------------------------------------------------------------------
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """A new study: refused if the id exists (no overwrite) or the file is not an honest 3D volume."""
+        suffix = volume_suffix(image_filename)
+        check_id(image_id)
+        if image_id in self._datastore.objects or any(
+            (self._root / f"{image_id}{ext}").exists() for ext in IMAGE_LABEL_SUFFIXES
+        ):
+            raise refuse(409, f"image {image_id!r} already exists; delete it first or choose another id")
+        check_volume_file(image_filename, self.limits)
+        try:
+            load_volume(image_filename)
+        except Exception as exc:  # ITK raises RuntimeError on corrupt data, ValueError on non-3D
+            raise refuse(422, f"unreadable image ({type(exc).__name__}): {_first_line(exc)}") from None
+        info = check_json_object(dict(image_info or {}), "image info", self.limits)
+        name = self._filename(image_id, suffix)
+        dest = contained(self._root, Path(self._datastore.image_path()) / name)
+        with FileLock(self._lock_file):
+            write_atomic(dest, source=image_filename)
+            info.update(ts=int(time.time()), name=name)
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=suffix))
+            self._update_datastore_file(lock=False)
+        return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        image_path = self.get_image_uri(image_id)
-        if not image_path:
-            raise HTTPException(404, f"image {image_id!r} is not in the datastore")
-        check_label_file(label_filename, image_path)
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        """A label for a known image, checked for training, written by temp file + rename."""
+        obj = self._known(image_id)
+        check_tag(label_tag)
+        suffix = label_suffix(label_filename)
+        info = check_json_object(dict(label_info or {}), "label params", self.limits)
+        check_label_file(label_filename, self.get_image_uri(image_id), self.targets, self.limits)
+        label_dir = contained(self._root, self._datastore.label_path(label_tag))
+        name = self._filename(image_id, suffix)
+        with FileLock(self._lock_file):
+            label_dir.mkdir(parents=True, exist_ok=True)
+            previous = obj.labels.get(label_tag)
+            write_atomic(label_dir / name, source=label_filename)
+            if previous and previous.ext != suffix:  # one label per image and tag: drop the other format
+                (label_dir / self._filename(image_id, previous.ext)).unlink(missing_ok=True)
+            info.update(ts=int(time.time()), name=name)
+            obj.labels[label_tag] = DataModel(info=info, ext=suffix)
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        self._known(image_id)
+        super().remove_image(image_id)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        if not self.get_label_uri(label_id, label_tag):
+            raise refuse(404, f"no label {label_id!r} under tag {label_tag!r}")
+        super().remove_label(label_id, label_tag)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        self._known(image_id)
+        super().update_image_info(image_id, check_json_object(info, "image info", self.limits))
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        if not self._datastore.label(check_id(label_id, "label id"), check_tag(label_tag)):
+            raise refuse(404, f"no label {label_id!r} under tag {label_tag!r}")
+        super().update_label_info(label_id, label_tag, check_json_object(info, "label info", self.limits))
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """The index by temp file + rename: a kill mid-write leaves the old index, never half a file."""
+
+        def write() -> None:
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            write_atomic(self._datastore_config_path, text.encode())
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
 
 
-def check_infer_request(request: dict[str, Any], infers: dict[str, Any], datastore) -> None:
-    """404 for an unknown model or an image id the local datastore does not have, before any work starts."""
+def _first_line(exc: BaseException) -> str:
+    """An exception message without the server paths readers like to include."""
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def _set_aside_torn_index(index: Path) -> None:
+    """A ``datastore_v2.json`` that is not valid JSON (torn by a kill under an older version, or edited by
+    hand) is renamed aside so the datastore rebuilds from the files rather than refusing to start."""
+    if not index.is_file():
+        return
+    try:
+        json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError):
+        aside = index.with_name(f"{index.name}.torn-{int(time.time())}")
+        index.rename(aside)
+        logger.warning("datastore index %s was unreadable; set aside as %s and rebuilt from files", index, aside)
+
+
+def check_infer_request(request: dict[str, Any], infers: dict[str, Any], datastore: Any) -> None:
+    """Before any work: the model exists (404), and ``request["image"]`` becomes the datastore's own path for a
+    known id (404 otherwise) or is an upload the app's route saved and checked. Never a client-given path."""
     model = request.get("model")
     if model not in infers:
-        raise HTTPException(404, f"unknown model {model!r}; available: {', '.join(sorted(infers))}")
+        raise refuse(404, f"unknown model {str(model)[:80]!r}; available: {', '.join(sorted(infers))}")
+    if truth(request.get("save_label", False)) is not False:
+        raise refuse(422, "'save_label' is not offered: save corrected labels with PUT /datastore/label")
+    if "label_tag" in request:
+        check_tag(request["label_tag"])
+    if request.pop("_upload", False):
+        return
     image = request.get("image")
     if not image:
-        raise HTTPException(422, "no image: give an image id or upload a file")
-    local = isinstance(datastore, LocalDatastore)
-    if isinstance(image, str) and local and not os.path.exists(image) and not datastore.get_image_uri(image):
-        raise HTTPException(404, f"image {image!r} is not in the datastore")
+        raise refuse(422, "no image: give an image id or upload a file")
+    check_id(image)
+    if isinstance(datastore, LocalDatastore):
+        uri = datastore.get_image_uri(image)
+        if not uri:
+            raise refuse(404, f"image {image!r} is not in the datastore")
+        request["image"] = uri

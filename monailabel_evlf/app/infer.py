@@ -20,6 +20,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monailabel_evlf.app.config import OUTPUTS, AppConfig
+from monailabel_evlf.app.security import scrub
+from monailabel_evlf.imaging.volume import load_volume
 from monailabel_evlf.inference import VolumeResult
 
 if TYPE_CHECKING:
@@ -34,8 +36,6 @@ def bad_request(message: str, status: int = 422) -> HTTPException:
 
 def load_request_volume(request: dict[str, Any]):
     """The request's image as a ``Volume``; unreadable, empty or non-3D input is the client's error (422)."""
-    from monailabel_evlf.imaging.volume import load_volume
-
     path = request.get("image")
     if not path or not os.path.exists(path):
         raise bad_request(f"image {request.get('image')!r} not found", status=404)
@@ -44,26 +44,39 @@ def load_request_volume(request: dict[str, Any]):
     try:
         return load_volume(path)
     except ValueError as exc:
-        raise bad_request(f"cannot use image: {exc}") from exc
+        raise bad_request(f"cannot use image: {scrub(str(exc))}") from exc
     except Exception as exc:  # readers (ITK, nibabel, pydicom) raise many types on corrupt files
         logger.info("unreadable image %s: %s", path, exc)
-        raise bad_request(f"cannot read image ({type(exc).__name__}): {exc}") from exc
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise bad_request(f"cannot read image ({type(exc).__name__}): {scrub(first)}") from exc
 
 
 def _indices(request: dict[str, Any], pipeline, volume) -> list[int] | None:
-    """Slices to examine instead of the configured selection: ``slices`` (a list of indices) or ``around`` (the
-    slice a reader is looking at) ± ``radius`` (default 2)."""
+    """Slices to examine instead of the configured selection: ``slices`` (a list of distinct indices, at most
+    ``max_slices``) or ``around`` (the slice a reader is looking at) ± ``radius`` (default 2)."""
+    limit = pipeline.config.max_slices
     value = request.get("slices")
     if value is not None:
         if not value or not isinstance(value, list) or not all(type(k) is int for k in value):
-            raise bad_request(f"'slices' must be a non-empty list of integers, got {value!r}")
+            raise bad_request(f"'slices' must be a non-empty list of integers, got {str(value)[:80]}")
+        if len(value) > limit or len(set(value)) != len(value):
+            raise bad_request(f"'slices' must hold at most {limit} distinct indices (--conf max_slices)")
         return value
     around, radius = request.get("around"), request.get("radius", 2)
     if around is None:
         return None
     if type(around) is not int or type(radius) is not int:
         raise bad_request(f"'around' and 'radius' must be integers, got {around!r}, {radius!r}")
+    if not 0 <= radius <= limit // 2:
+        raise bad_request(f"'radius' must lie in 0..{limit // 2}")
     return pipeline.select(volume, around=around, radius=radius)[1]
+
+
+def _text(request: dict[str, Any], key: str, limit: int) -> str | None:
+    value = request.get(key)
+    if value is not None and (not isinstance(value, str) or len(value) > limit):
+        raise bad_request(f"'{key}' must be text of at most {limit} characters")
+    return value
 
 
 class EVLFInferTask(InferTask):
@@ -73,7 +86,7 @@ class EVLFInferTask(InferTask):
 
     def __init__(self, served: ServedModel, config: AppConfig, labels: list[str], description: str) -> None:
         if served.note:
-            description = f"{description} ({served.note})"
+            description = f"{description} ({scrub(served.note)})"
         super().__init__(
             type=self.task_type,
             labels=labels,
@@ -97,7 +110,7 @@ class EVLFInferTask(InferTask):
         try:
             result, result_file, extra = self.run(volume, request)
         except ValueError as exc:
-            raise bad_request(str(exc)) from exc
+            raise bad_request(scrub(str(exc))) from exc
         body = result.to_json()
         body["model"] = self.served.info()
         body["image"] = {"shape": list(volume.array.shape), "affine_lps": volume.affine.round(6).tolist()}
@@ -127,7 +140,7 @@ class GroundingTask(EVLFInferTask):
         output = request.get("output", self.app_config.output)
         if output not in OUTPUTS:
             raise bad_request(f"'output' must be one of {', '.join(OUTPUTS)}; got {output!r}")
-        target = request.get("target") or None
+        target = _text(request, "target", 200) or None
         with self.served.session() as pipeline:
             result = pipeline.ground(volume, target, indices=_indices(request, pipeline, volume))
         version = self.served.adapter_version or "base"
@@ -160,12 +173,17 @@ class VQATask(EVLFInferTask):
         self._config["question"] = ""
 
     def run(self, volume, request):
-        question = request.get("question")
-        if not isinstance(question, str) or not question.strip():
+        limits = self.app_config.limits
+        question = _text(request, "question", limits.max_text_chars)
+        if not question or not question.strip():
             raise bad_request("VQA needs a non-empty 'question' param")
         options = request.get("options")
-        if options is not None and (not isinstance(options, list) or not all(isinstance(o, str) for o in options)):
-            raise bad_request(f"'options' must be a list of strings, got {options!r}")
+        if options is not None and (
+            not isinstance(options, list)
+            or not 1 <= len(options) <= limits.max_options
+            or not all(isinstance(o, str) and 0 < len(o) <= 200 for o in options)
+        ):
+            raise bad_request(f"'options' must be a list of 1..{limits.max_options} strings of 1..200 characters")
         with self.served.session() as pipeline:
             return (
                 pipeline.answer(volume, question, options, indices=_indices(request, pipeline, volume)),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from monailabel_evlf.app.config import AppConfig, resolve_model
+from monailabel_evlf.app.security import scrub
 from monailabel_evlf.inference import PipelineConfig, VolumePipeline
 from monailabel_evlf.model.backend import VLMBackend
 from monailabel_evlf.training.adapters import AdapterRegistry
@@ -28,6 +29,12 @@ def registry_name(model: str) -> str:
     """A directory name for a model's adapters: the last path / hub-id component, made filesystem-safe."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip(".-")
     return name or "model"
+
+
+def public_name(name: str) -> str:
+    """A local directory as its last component; hub ids, presets and ``module:Class`` names unchanged."""
+    path = Path(name)
+    return path.name if path.is_absolute() or path.exists() else name
 
 
 def pipeline_config(config: AppConfig) -> PipelineConfig:
@@ -75,6 +82,9 @@ class ServedModel:
             logger.warning(self.note)
         self.backend = load_configured_backend(config, self.model)
         self.registry = AdapterRegistry(adapters_root, registry_name(self.model))
+        removed = self.registry.remove_incomplete()  # folders a kill left mid-save; never promoted, never served
+        if removed:
+            logger.warning("removed %d incomplete adapter folder(s) left by an interrupted save", removed)
         self.pipeline = VolumePipeline(self.backend, pipeline_config(config))
         self.adapter_version: str | None = None
         self._lock = threading.Lock()
@@ -99,10 +109,11 @@ class ServedModel:
             yield self.pipeline
 
     def info(self) -> dict[str, Any]:
+        """What a result says about the model: names, never this machine's paths."""
         return {
-            "id": self.backend.model_id,
-            "backend": self.config.backend,
-            "source": self.model,
+            "id": public_name(self.backend.model_id),
+            "backend": public_name(self.config.backend),
+            "source": public_name(self.model),
             "adapter_version": self.adapter_version,
-            **({"note": self.note} if self.note else {}),
+            **({"note": scrub(self.note)} if self.note else {}),
         }

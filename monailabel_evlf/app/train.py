@@ -18,6 +18,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from monailabel_evlf.app.config import AppConfig
+from monailabel_evlf.app.security import check_train_params, parse_bool
 
 if TYPE_CHECKING:
     from monailabel_evlf.app.serving import ServedModel
@@ -100,12 +101,13 @@ class EVLFTrainTask(TrainTask):
         from monailabel_evlf.training.finetune import finetune_adapter
 
         started = time.perf_counter()
+        # the server's route checked these before answering; checked again because this child trusts no one
+        client = {k: request[k] for k in ("method", "steps", "label_tag", "gate") if k in request}
+        check_train_params(client, self.app_config, self.app_config.limits)
         method = request.get("method", self.app_config.train_method)
-        if method not in ("grpo", "sft"):
-            raise ValueError(f"'method' must be 'grpo' or 'sft', got {method!r}")
         steps = int(request.get("steps", self.app_config.train_steps))
         label_tag = request.get("label_tag", DefaultLabelTag.FINAL.value)
-        gate = str(request.get("gate", True)).lower() not in ("false", "0", "no")
+        gate = parse_bool(request.get("gate", True), "gate")
         samples = self.collect_samples(datastore, label_tag)
         train, held = split_held_out(samples)
         if not held:
@@ -135,6 +137,7 @@ class EVLFTrainTask(TrainTask):
             tolerance=0.0 if gate else float("inf"),
             callback=progress,
             config_extra={"label_tag": label_tag, "samples": len(samples)},
+            max_new_tokens=self.app_config.max_new_tokens,
         )
         logger.info("evlf_train: saved %s %s, promoted=%s", result.version.name, result.metrics, result.promoted)
         return {

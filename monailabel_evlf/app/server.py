@@ -1,0 +1,469 @@
+"""The EVLF app's guard around MONAI Label's FastAPI server, installed by the app when the server starts it.
+
+MONAI Label 0.8.5 builds its FastAPI app at import (CORS echoing any origin with credentials, ``json.loads`` on
+raw params, inference on the event loop, ``/logs/`` open). The app cannot change that module, but it is built
+inside the server's lifespan, so it can (1) put its own routes in front of MONAI Label's for every endpoint that
+takes client input (same paths, same parameters, so 3D Slicer and OHIF work unchanged) and (2) wrap the ASGI
+stack in :class:`Guard`: host / origin / client checks, optional bearer-token auth, body caps, and error bodies
+without tracebacks or server paths. See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jwt
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.security import OAuth2PasswordRequestForm
+from monailabel.config import settings
+from monailabel.endpoints import activelearning as ml_activelearning
+from monailabel.endpoints import infer as ml_infer
+from monailabel.endpoints import scoring as ml_scoring
+from monailabel.endpoints import train as ml_train
+from monailabel.endpoints.user.auth import RBAC, User
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from monailabel_evlf.app.config import AppConfig
+from monailabel_evlf.app.security import (
+    check_id,
+    check_json_object,
+    check_tag,
+    check_train_params,
+    check_volume_file,
+    copy_limited,
+    parse_json_object,
+    refuse,
+    scrub,
+    upload_dir,
+    volume_suffix,
+)
+
+if TYPE_CHECKING:
+    from monailabel.interfaces.app import MONAILabelApp
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# endpoints the EVLF app does not serve (no WSI, no batch jobs) or that reset the server from outside
+BLOCKED_PREFIXES = ("/batch/", "/infer/wsi", "/wsi_infer", "/reload")
+LOG_PREFIX = "/logs"
+OPEN_PATHS = {("GET", "/auth/"), ("POST", "/auth/token"), ("GET", "/favicon.ico")}
+TOKEN_HOURS = 12
+_MULTIPART_SLACK = 1 << 20
+_ERROR_BODY_MAX = 1 << 16
+# -- authentication ------------------------------------------------------------------------------------------------
+
+
+class TokenAuth:
+    """Opt-in shared-secret auth spoken the way 3D Slicer's MONAI Label module logs in: ``GET /auth/`` says it is
+    on, ``POST /auth/token`` (any username, the secret as password) returns a signed 12-hour token, every other
+    call sends ``Authorization: Bearer <token>``; the secret itself is also accepted as a bearer token (OHIF,
+    scripts)."""
+
+    def __init__(self, secret: str) -> None:
+        if len(secret) < 16:
+            raise ValueError("the auth token file must hold a secret of at least 16 characters")
+        self.secret = secret
+
+    def issue(self, username: str, password: str) -> str | None:
+        if not hmac.compare_digest(password.encode(), self.secret.encode()):
+            return None
+        claims = {"sub": username or "user", "exp": int(time.time()) + TOKEN_HOURS * 3600}
+        return jwt.encode(claims, self.secret, algorithm="HS256")
+
+    def user(self, authorization: str | None) -> str | None:
+        """The user a bearer header authenticates, or None."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        if hmac.compare_digest(token.strip().encode(), self.secret.encode()):
+            return "token"
+        try:
+            return str(jwt.decode(token.strip(), self.secret, algorithms=["HS256"])["sub"])
+        except (jwt.InvalidTokenError, KeyError):
+            return None
+
+
+def load_auth(config: AppConfig) -> TokenAuth | None:
+    if not config.auth_token_file:
+        return None
+    if settings.MONAI_LABEL_AUTH_ENABLE:
+        raise ValueError("--conf auth_token_file and MONAI_LABEL_AUTH_ENABLE are two auth modes: choose one")
+    return TokenAuth(Path(config.auth_token_file).read_text().strip())
+
+
+def auth_router(auth: TokenAuth) -> APIRouter:
+    router = APIRouter(prefix="/auth", tags=["Auth"])
+
+    @router.get("/")
+    def enabled() -> dict[str, Any]:
+        return {"enabled": True, "client_id": "evlf", "realm": ""}
+
+    @router.post("/token")
+    async def token(form: OAuth2PasswordRequestForm = Depends()) -> dict[str, Any]:
+        issued = auth.issue(form.username, form.password)
+        if issued is None:
+            await asyncio.sleep(0.5)  # slows guessing; the secret is long anyway
+            raise HTTPException(401, "wrong username or password", headers={"WWW-Authenticate": "Bearer"})
+        return {"access_token": issued, "token_type": "Bearer"}
+
+    @router.get("/token/valid")
+    def valid() -> dict[str, Any]:
+        return {"valid": True}  # the Guard has already refused invalid tokens
+
+    return router
+
+
+# -- the ASGI guard ------------------------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _hostname(value: str) -> str:
+    """``host:port`` / ``[::1]:port`` -> host."""
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class Guard:
+    """Outermost ASGI layer: refuses what must never reach MONAI Label's routes, and keeps error bodies clean."""
+
+    def __init__(self, inner: ASGIApp, config: AppConfig, auth: TokenAuth | None) -> None:
+        self.inner = inner
+        self.auth = auth
+        self.extra_origins = {o.rstrip("/") for o in config.cors_origins}
+        self.extra_hosts = {_hostname(o.split("://", 1)[-1].rstrip("/")) for o in config.cors_origins}
+        self.logs = config.logs_endpoint
+        self.max_body = (config.max_upload_mb << 20) + _MULTIPART_SLACK
+
+    def _origins(self, scope: Scope) -> set[str]:
+        """The server's own loopback origins (its port, http and https) plus the configured ones."""
+        host, port = scope.get("server") or ("127.0.0.1", 0)
+        names = {*LOOPBACK_HOSTS, host}
+        own = {f"{scheme}://{f'[{n}]' if ':' in n else n}:{port}" for n in names for scheme in ("http", "https")}
+        return own | self.extra_origins
+
+    def check(self, scope: Scope) -> tuple[int, str] | None:
+        """(status, message) for a refused request, or None."""
+        headers = Headers(scope=scope)
+        method, path = scope["method"], scope["path"]
+        server_host = (scope.get("server") or ("127.0.0.1", 0))[0]
+        host = _hostname(headers.get("host", ""))
+        if host and not (_is_loopback(host) or host == server_host or host in self.extra_hosts):
+            return 403, f"Host {host[:80]!r} is not served here (add it with --conf cors_origins)"
+        origin = headers.get("origin")
+        if origin is not None and origin.rstrip("/") not in self._origins(scope):
+            return 403, f"origin {origin[:80]!r} is not allowed (--conf cors_origins)"
+        if path.startswith(BLOCKED_PREFIXES) or (path.startswith(LOG_PREFIX) and not self.logs):
+            return 404, "Not Found"
+        client = (scope.get("client") or ("",))[0]
+        authenticated = self.auth is not None or settings.MONAI_LABEL_AUTH_ENABLE
+        if not _is_loopback(client) and not authenticated:
+            return 403, "only loopback clients are served unless authentication is on (docs/security.md)"
+        open_path = (method, path) in OPEN_PATHS or method == "OPTIONS"
+        if self.auth is not None and not open_path and self.auth.user(headers.get("authorization")) is None:
+            return 401, "authentication required: POST /auth/token, then send Authorization: Bearer <token>"
+        if method in ("POST", "PUT", "PATCH"):
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                return 411, "send a Content-Length (chunked uploads are not accepted)"
+            length = headers.get("content-length", "0")
+            if not length.isdigit():
+                return 400, "invalid Content-Length"
+            if int(length) > self.max_body:
+                return 413, f"request body larger than {self.max_body} bytes (--conf max_upload_mb)"
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.inner(scope, receive, send)
+            return
+        refused = self.check(scope)
+        if refused is not None:
+            await _send_json(send, refused[0], {"detail": refused[1]})
+            return
+        await self.inner(scope, receive, _CleanErrors(send))
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+class _CleanErrors:
+    """``send`` for one response: a 4xx body loses server paths, a 5xx body becomes one generic line (the log
+    keeps the traceback)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.start: Message | None = None
+        self.body = b""
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            if message["status"] < 400:
+                await self.send(message)
+            else:
+                self.start = message
+            return
+        if self.start is None or message["type"] != "http.response.body":
+            await self.send(message)
+            return
+        self.body += message.get("body", b"")[:_ERROR_BODY_MAX]
+        if message.get("more_body"):
+            return
+        status = self.start["status"]
+        if status >= 500:
+            data = {"detail": "internal server error; the server log has the details"}
+        else:
+            try:
+                data = json.loads(self.body)
+            except ValueError:
+                data = {"detail": self.body.decode("utf-8", "replace")}
+            data = json.loads(scrub(json.dumps(data)))
+        body = json.dumps(data).encode()
+        headers = [(k, v) for k, v in self.start["headers"] if k.lower() not in (b"content-length", b"content-type")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await self.send({**self.start, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+
+# -- routes in front of MONAI Label's ------------------------------------------------------------------------------
+
+# request keys MONAI Label acts on server-side: never from a client
+_SERVER_KEYS = {"bundle_path", "image", "model", "description", "session", "file", "label", "device", "logging"}
+
+
+def _client_params(params: dict[str, Any], what: str) -> dict[str, Any]:
+    for key in params:
+        if key in _SERVER_KEYS or key.startswith("_"):
+            raise refuse(422, f"{what}: the parameter {key!r} cannot be set by a client")
+    return params
+
+
+def _move_to_front(app: FastAPI, router: APIRouter) -> None:
+    before = len(app.router.routes)
+    app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
+    added = app.router.routes[before:]
+    del app.router.routes[before:]
+    app.router.routes[0:0] = added
+
+
+def _save_upload(upload: UploadFile, folder: Path, suffix: str, limit: int) -> Path:
+    path = folder / f"upload{suffix}"
+    copy_limited(upload.file, path, limit)
+    return path
+
+
+def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
+    """Routes with MONAI Label's paths and parameters that validate first and then do MONAI Label's work.
+
+    They are plain ``def`` so FastAPI runs them in its thread pool: inference never blocks ``/info/``."""
+    limits = config.limits
+    router = APIRouter()
+    user_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
+    annotator_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)
+    admin_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
+    queue = threading.BoundedSemaphore(config.max_queued_requests)
+
+    @router.post("/infer/{model}")
+    def infer(
+        background_tasks: BackgroundTasks,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = Form("{}"),
+        file: UploadFile = File(None),
+        label: UploadFile = File(None),
+        output: ml_infer.ResultType | None = None,
+        user: User = Depends(user_role),
+    ):
+        if model not in instance._infers:
+            raise refuse(404, f"unknown model {model[:80]!r}; available: {', '.join(sorted(instance._infers))}")
+        request: dict[str, Any] = {"model": model}
+        request.update(_client_params(parse_json_object(params, "params", limits), "params"))
+        if label is not None or session_id:
+            raise refuse(422, "this server takes an image id or an uploaded volume file (no label, no session)")
+        if output == ml_infer.ResultType.dicom_seg:
+            raise refuse(422, "output=dicom_seg: use the params {'output': 'dicom_seg'} of evlf_grounding")
+        if not queue.acquire(blocking=False):
+            raise refuse(429, "the model is busy with other requests; retry shortly")
+        try:
+            with upload_dir() as folder:
+                if file is not None:
+                    path = _save_upload(file, folder, volume_suffix(file.filename or ""), limits.max_upload_bytes)
+                    check_volume_file(path, limits)
+                    request.update(image=str(path), _upload=True)
+                elif image:
+                    request["image"] = check_id(image)
+                else:
+                    raise refuse(422, "no image: give an image id or upload a file")
+                result = instance.infer(request)
+                return ml_infer.send_response(instance.datastore(), result, output, background_tasks)
+        finally:
+            queue.release()
+
+    def add_image(image: str | None, params: str, file: UploadFile) -> dict[str, Any]:
+        suffix = volume_suffix(file.filename or "")
+        image_id = check_id(image or Path(file.filename or "").name[: -len(suffix)])
+        info = parse_json_object(params, "params", limits)
+        with upload_dir() as folder:
+            path = _save_upload(file, folder, suffix, limits.max_upload_bytes)
+            return {"image": instance.datastore().add_image(image_id, str(path), info)}
+
+    @router.put("/datastore/image")
+    def put_image(
+        image: str | None = None,
+        params: str = Form("{}"),
+        file: UploadFile = File(...),
+        user: User = Depends(annotator_role),
+    ):
+        return add_image(image, params, file)
+
+    @router.put("/datastore/", include_in_schema=False)
+    def put_image_legacy(
+        image: str | None = None,
+        params: str = Form("{}"),
+        file: UploadFile = File(...),
+        user: User = Depends(annotator_role),
+    ):
+        return add_image(image, params, file)
+
+    @router.put("/datastore/label")
+    def put_label(
+        image: str,
+        params: str = Form("{}"),
+        tag: str = "final",
+        label: UploadFile = File(...),
+        user: User = Depends(annotator_role),
+    ):
+        from monailabel_evlf.app.datastore import label_suffix
+
+        check_id(image)
+        tag = check_tag(tag or "final")
+        info = parse_json_object(params, "params", limits)
+        suffix = label_suffix(label.filename or "")
+        with upload_dir() as folder:
+            path = _save_upload(label, folder, suffix, limits.max_upload_bytes)
+            label_id = instance.datastore().save_label(image, str(path), tag, info)
+        return {**(instance.on_save_label(image, label_id) or {}), "image": image, "label": label_id}
+
+    @router.put("/datastore/image/info")
+    def put_image_info(image: str, info: str = Form("{}"), user: User = Depends(annotator_role)):
+        instance.datastore().update_image_info(check_id(image), parse_json_object(info, "info", limits))
+        return {}
+
+    @router.put("/datastore/label/info")
+    def put_label_info(label: str, tag: str, info: str = Form("{}"), user: User = Depends(annotator_role)):
+        instance.datastore().update_label_info(check_id(label), check_tag(tag), parse_json_object(info, "info", limits))
+        return {}
+
+    @router.put("/datastore/updatelabelinfo", include_in_schema=False)
+    def put_label_info_legacy(label: str, tag: str, params: str = Form("{}"), user: User = Depends(annotator_role)):
+        return put_label_info(label, tag, params, user)
+
+    @router.post("/train/{model}")
+    def train(
+        model: str,
+        params: dict | None = None,
+        run_sync: bool | None = False,
+        enqueue: bool | None = False,
+        user: User = Depends(admin_role),
+    ):
+        if model not in instance._trainers:
+            raise refuse(404, f"unknown trainer {model[:80]!r}; available: {', '.join(sorted(instance._trainers))}")
+        params = check_train_params(check_json_object(params or {}, "params", limits), config, limits)
+        return ml_train.run_model(model, params, False, enqueue)
+
+    @router.post("/train/", include_in_schema=False)
+    def train_all(params: dict | None = None, run_sync: bool | None = False, user: User = Depends(admin_role)):
+        params = check_json_object(params or {}, "params", limits)
+        for model in instance._trainers:
+            check_train_params(check_json_object(params.get(model, {}), model, limits), config, limits)
+        unknown = sorted(set(params) - set(instance._trainers))
+        if unknown:
+            raise refuse(422, f"params are keyed by trainer name; unknown: {', '.join(map(repr, unknown))}")
+        return {m: ml_train.run_model(m, params.get(m, {}), False, True) for m in instance._trainers}
+
+    def check_scoring(method: str, params: dict | None) -> dict[str, Any]:
+        if method not in instance._scoring_methods:
+            names = ", ".join(sorted(instance._scoring_methods))
+            raise refuse(404, f"unknown scoring method {method[:80]!r}; available: {names}")
+        params = check_json_object(params or {}, "params", limits)
+        unknown = sorted(set(params) - {"label_tag"})
+        if unknown:
+            raise refuse(422, f"unknown scoring parameter(s) {', '.join(map(repr, unknown))}; use 'label_tag'")
+        if "label_tag" in params:
+            check_tag(params["label_tag"])
+        return params
+
+    @router.post("/scoring/{method}")
+    def scoring(
+        method: str, params: dict | None = None, run_sync: bool | None = False, user: User = Depends(annotator_role)
+    ):
+        return ml_scoring.run_method(method, check_scoring(method, params), False)
+
+    @router.post("/scoring/", include_in_schema=False)
+    def scoring_all(params: dict | None = None, run_sync: bool | None = False, user: User = Depends(annotator_role)):
+        checked = {m: check_scoring(m, (params or {}).get(m)) for m in instance._scoring_methods}
+        return {m: ml_scoring.run_method(m, p, False) for m, p in checked.items()}
+
+    @router.post("/activelearning/{strategy}")
+    def activelearning(strategy: str, params: dict | None = None, user: User = Depends(user_role)):
+        if strategy not in instance._strategies:
+            names = ", ".join(sorted(instance._strategies))
+            raise refuse(404, f"unknown strategy {strategy[:80]!r}; available: {names}")
+        params = check_json_object(params or {}, "params", limits)
+        unknown = sorted(set(params) - {"label_tag", "labels", "client_id"})
+        if unknown:
+            raise refuse(422, f"unknown parameter(s) {', '.join(map(repr, unknown))}; use label_tag, labels, client_id")
+        if "label_tag" in params:
+            check_tag(params["label_tag"])
+        labels = params.get("labels")
+        if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+            raise refuse(422, "'labels' must be a list of strings")
+        if not isinstance(params.get("client_id", ""), str):
+            raise refuse(422, "'client_id' must be a string")
+        return ml_activelearning.sample(strategy, params, user.username)
+
+    @router.put("/session/")
+    def session(user: User = Depends(user_role)):
+        raise refuse(422, "sessions are not offered by this server: upload the volume with POST /infer/<model>")
+
+    return router
+
+
+def install(instance: MONAILabelApp, config: AppConfig) -> None:
+    """Guard the running MONAI Label server, if this process is one (the train child and tests are not)."""
+    web = sys.modules.get("monailabel.app")
+    if web is None or getattr(web.app.state, "evlf_guarded", False):
+        return
+    app: FastAPI = web.app
+    auth = load_auth(config)
+    if auth is not None:
+        _move_to_front(app, auth_router(auth))
+    _move_to_front(app, guarded_router(instance, config))
+    stack = app.middleware_stack or app.build_middleware_stack()
+    app.middleware_stack = Guard(stack, config, auth)
+    app.state.evlf_guarded = True
+    mode = "token" if auth else "MONAI Label" if settings.MONAI_LABEL_AUTH_ENABLE else "off"
+    logger.info("EVLF guard installed (auth: %s)", mode)

@@ -1,0 +1,603 @@
+"""A hostile (and a careless) client against the real server: every bad request is a 4xx with a message and
+leaves nothing behind; nothing outside the studies folder is read, written, deleted or run; CORS, host and
+client checks; opt-in bearer auth through 3D Slicer's own client; /info/ answers while inference runs.
+
+One server per module (oracle backend, so no model answers matter); its TMPDIR is private, so leaked upload
+temp files are counted, and its peak memory (VmHWM) is read from /proc after the bomb cases.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from monailabel_evlf.annotations.slicer_markups import write_roi_markups
+from monailabel_evlf.data.phantoms import write_sample_dataset
+from monailabel_evlf.imaging.geometry import WorldBox
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+APP_DIR = REPO_ROOT / "apps" / "evlf"
+STUDY = "phantom_s7_000"
+SECRET = "correct-horse-battery-staple-42"
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    studies: Path
+    tmp: Path
+    outside: Path
+    start_rss_mib: float = 0.0
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("security")
+    studies = root / "studies"
+    write_sample_dataset(studies, n=2, seed=7)
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    return studies, outside
+
+
+def _start(studies: Path, outside: Path, tmp: Path, conf: dict[str, str]) -> Server:
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    base = {"backend": "tests.app.slow_backend:SlowBackend", "model": str(studies), "backend.delay": "0.1"}
+    for key, value in {**base, **conf}.items():
+        cmd += ["--conf", key, value]
+    env = {**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    log = (tmp.parent / f"{tmp.name}.log").open("w")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (tmp.parent / f"{tmp.name}.log").read_text()[-4000:]
+        try:
+            if requests.get(f"{url}/info/", headers=headers, timeout=2).status_code == 200:
+                server = Server(url, process, studies, tmp, outside)
+                server.start_rss_mib = server.peak_rss_mib()
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("server did not start")
+
+
+def _stop(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(layout, tmp_path_factory) -> Iterator[Server]:
+    studies, outside = layout
+    started = _start(studies, outside, tmp_path_factory.mktemp("server") / "tmp", {})
+    yield started
+    _stop(started)
+
+
+def snapshot(*roots: Path) -> dict[str, bytes]:
+    """Every file under the roots with its bytes (the index's timestamps excluded)."""
+    files = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.name not in ("datastore_v2.json", ".lock"):
+                files[str(path)] = path.read_bytes()
+    return files
+
+
+# -- payloads ------------------------------------------------------------------------------------------------------
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray | None = None, compress: bool = True) -> bytes:
+    image = nib.Nifti1Image(array, np.eye(4) if affine is None else affine)
+    raw = image.to_bytes()
+    return gzip.compress(raw, 1) if compress else raw
+
+
+def lying_header(shape: tuple[int, ...], payload: bytes = b"") -> bytes:
+    """A NIfTI header claiming ``shape`` int16 voxels, followed by ``payload``, gzipped."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.int16)
+    header["vox_offset"] = 352
+    return gzip.compress(header.binaryblock + b"\0" * 4 + payload, 6)
+
+
+def study_image(server: Server) -> nib.Nifti1Image:
+    return nib.load(server.studies / f"{STUDY}.nii.gz")
+
+
+def labelmap_bytes(server: Server, fill: float, dtype=np.uint8, affine_shift: float = 0.0, shape=None) -> bytes:
+    image = study_image(server)
+    array = np.zeros(shape or image.shape, dtype=dtype)
+    array[10:20, 10:20, 5:10] = fill
+    affine = image.affine.copy()
+    affine[0, 3] += affine_shift
+    return nifti_bytes(array, affine)
+
+
+def markups_bytes(server: Server, center_shift: float = 0.0, size: float = 10.0, label: str | None = "cyst") -> bytes:
+    affine = study_image(server).affine
+    center_ras = affine @ np.array([*(np.array(study_image(server).shape) / 2), 1.0])
+    center_lps = center_ras[:3] * np.array([-1, -1, 1]) + center_shift
+    box = WorldBox(center=center_lps, size=np.full(3, size), orientation=np.eye(3), label=label)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "label.json"
+        write_roi_markups([box], path)
+        return path.read_bytes()
+
+
+def deep_json(depth: int) -> bytes:
+    return ("[" * depth + "]" * depth).encode()
+
+
+def put_label(server: Server, content: bytes, name: str = "label.json", tag: str = "final", params: str = "{}"):
+    return requests.put(
+        f"{server.url}/datastore/label",
+        params={"image": STUDY, "tag": tag},
+        files={"label": (name, content)},
+        data={"params": params},
+        timeout=60,
+    )
+
+
+def put_image(server: Server, content: bytes, name: str = "new.nii.gz", image: str | None = None):
+    params = {"image": image} if image is not None else {}
+    return requests.put(f"{server.url}/datastore/image", params=params, files={"file": (name, content)}, timeout=60)
+
+
+def infer(server: Server, params: dict | str | None = None, image: str | None = STUDY, **kwargs):
+    query = {"image": image} if image is not None else {}
+    body = params if isinstance(params, str) else json.dumps(params or {"output": "json"})
+    return requests.post(
+        f"{server.url}/infer/evlf_grounding", params=query, data={"params": body}, timeout=120, **kwargs
+    )
+
+
+def train(server: Server, body) -> requests.Response:
+    return requests.post(f"{server.url}/train/evlf_train", json=body, timeout=30)
+
+
+def tar_with_escape() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        data = b"escaped"
+        member = tarfile.TarInfo("../../escaped.txt")
+        member.size = len(data)
+        archive.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def nrrd_detached(target: Path) -> bytes:
+    return f"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 4\nencoding: raw\ndata file: {target}\n\n".encode()
+
+
+# every case: (name, request, expected status, a word the message must contain)
+Case = tuple[str, Callable[[Server], requests.Response], int, str]
+STUDY_PATH = "{studies}/" + STUDY + ".nii.gz"
+
+CASES: list[Case] = [
+    # remote code execution and traversal
+    (
+        "py upload as image",
+        lambda s: put_image(s, b"import os\n", "sitecustomize.py", "../outside/sitecustomize"),
+        415,
+        "unsupported image format",
+    ),
+    (
+        "traversal image id on upload",
+        lambda s: put_image(s, nifti_bytes(np.zeros((8, 8, 8), np.int16)), image="../outside/evil"),
+        422,
+        "invalid image id",
+    ),
+    (
+        "absolute image id on upload",
+        lambda s: put_image(s, nifti_bytes(np.zeros((8, 8, 8), np.int16)), image=str(s.outside / "evil")),
+        422,
+        "invalid image id",
+    ),
+    (
+        "url-encoded traversal",
+        lambda s: requests.put(f"{s.url}/datastore/image?image=%2e%2e%2fx", files={"file": ("x.nii.gz", b"x")}),
+        422,
+        "invalid image id",
+    ),
+    ("client bundle_path", lambda s: train(s, {"bundle_path": str(s.outside)}), 422, "bundle_path"),
+    (
+        "delete traversal",
+        lambda s: requests.delete(f"{s.url}/datastore/image", params={"id": "../outside"}),
+        422,
+        "invalid image id",
+    ),
+    (
+        "delete unknown image",
+        lambda s: requests.delete(f"{s.url}/datastore/image", params={"id": "ghost"}),
+        404,
+        "ghost",
+    ),
+    (
+        "delete label traversal tag",
+        lambda s: requests.delete(f"{s.url}/datastore/label", params={"id": STUDY, "tag": "../../outside"}),
+        422,
+        "invalid label tag",
+    ),
+    (
+        "infer save_label to abs dir",
+        lambda s: infer(s, {"save_label": True, "label_tag": str(s.outside)}),
+        422,
+        "save_label",
+    ),
+    ("infer label_tag path", lambda s: infer(s, {"label_tag": str(s.outside)}), 422, "invalid label tag"),
+    (
+        "session tar escape",
+        lambda s: requests.put(
+            f"{s.url}/session/", params={"uncompress": "true"}, files={"files": ("x.tar.gz", tar_with_escape())}
+        ),
+        422,
+        "session",
+    ),
+    (
+        "infer absolute existing path",
+        lambda s: infer(s, image=STUDY_PATH.format(studies=s.studies)),
+        422,
+        "invalid image id",
+    ),
+    ("infer absolute missing path", lambda s: infer(s, image="/nonexistent/x.nii.gz"), 422, "invalid image id"),
+    (
+        "infer image in params",
+        lambda s: infer(s, {"image": STUDY_PATH.format(studies=s.studies)}),
+        422,
+        "cannot be set",
+    ),
+    (
+        "nrrd detached data",
+        lambda s: put_image(s, nrrd_detached(s.outside / "precious.txt"), "d.nrrd"),
+        422,
+        "data file",
+    ),
+    ("label traversal tag", lambda s: put_label(s, markups_bytes(s), tag="../../outside"), 422, "invalid label tag"),
+    (
+        "download traversal",
+        lambda s: requests.get(f"{s.url}/datastore/image", params={"image": "../../etc/passwd"}),
+        422,
+        "invalid image id",
+    ),
+    (
+        "download label traversal",
+        lambda s: requests.get(f"{s.url}/datastore/label", params={"label": STUDY, "tag": "../.."}),
+        422,
+        "invalid label tag",
+    ),
+    ("logs endpoint", lambda s: requests.get(f"{s.url}/logs/"), 404, "not found"),
+    ("batch infer", lambda s: requests.post(f"{s.url}/batch/infer/evlf_grounding"), 404, "not found"),
+    # what used to be 5xx
+    ("infer params not JSON", lambda s: infer(s, "{bad"), 422, "not valid json"),
+    ("infer params a list", lambda s: infer(s, "[1]"), 422, "json object"),
+    ("infer params too deep", lambda s: infer(s, deep_json(100_000).decode()), 422, "nested deeper"),
+    (
+        "image upload params not JSON",
+        lambda s: requests.put(f"{s.url}/datastore/image", data={"params": "{bad"}, files={"file": ("q.nii.gz", b"x")}),
+        422,
+        "json",
+    ),
+    (
+        "train params not JSON",
+        lambda s: requests.post(f"{s.url}/train/evlf_train", data="{bad", headers={"content-type": "application/json"}),
+        422,
+        "json",
+    ),
+    ("no image and no file", lambda s: infer(s, image=None), 422, "no image"),
+    ("unknown model", lambda s: requests.post(f"{s.url}/infer/nope", params={"image": STUDY}), 404, "nope"),
+    ("unknown strategy", lambda s: requests.post(f"{s.url}/activelearning/nope"), 404, "unknown strategy"),
+    ("unknown scoring", lambda s: requests.post(f"{s.url}/scoring/nope"), 404, "unknown scoring"),
+    ("unknown trainer", lambda s: requests.post(f"{s.url}/train/nope"), 404, "unknown trainer"),
+    ("300-char id infer", lambda s: infer(s, image="a" * 300), 422, "invalid image id"),
+    ("300-char id upload", lambda s: put_image(s, b"x", image="a" * 300), 422, "invalid image id"),
+    ("300-char tag", lambda s: put_label(s, markups_bytes(s), tag="t" * 300), 422, "invalid label tag"),
+    (
+        "bad image info",
+        lambda s: requests.put(f"{s.url}/datastore/image/info", params={"image": STUDY}, data={"info": "{bad"}),
+        422,
+        "json",
+    ),
+    (
+        "image info unknown image",
+        lambda s: requests.put(f"{s.url}/datastore/image/info", params={"image": "ghost"}, data={"info": "{}"}),
+        404,
+        "ghost",
+    ),
+    (
+        "image info of unknown image",
+        lambda s: requests.get(f"{s.url}/datastore/image/info", params={"image": "ghost"}),
+        404,
+        "ghost",
+    ),
+    ("100k-deep JSON label", lambda s: put_label(s, b'{"markups": ' + deep_json(100_000) + b"}"), 422, "markups"),
+    ("label params a list", lambda s: put_label(s, markups_bytes(s), params="[1]"), 422, "json object"),
+    # resource exhaustion
+    ("header claims 1024^3", lambda s: put_image(s, lying_header((1024, 1024, 1024)), "big.nii.gz"), 413, "voxels"),
+    (
+        "gzip bomb infer",
+        lambda s: infer(s, image=None, files={"file": ("b.nii.gz", lying_header((64, 64, 64), b"\0" * (64 << 20)))}),
+        422,
+        "decompression bomb",
+    ),
+    (
+        "gzip bomb label",
+        lambda s: put_label(s, lying_header((64, 64, 64), b"\0" * (64 << 20)), "b.nii.gz"),
+        422,
+        "decompression bomb",
+    ),
+    ("3000 slices", lambda s: infer(s, {"output": "json", "slices": [0] * 3000}), 422, "slices"),
+    (
+        "10k VQA options",
+        lambda s: requests.post(
+            f"{s.url}/infer/evlf_vqa",
+            params={"image": STUDY},
+            data={"params": json.dumps({"question": "which?", "options": [str(i) for i in range(10_000)]})},
+        ),
+        422,
+        "options",
+    ),
+    (
+        "100k-char question",
+        lambda s: requests.post(
+            f"{s.url}/infer/evlf_vqa", params={"image": STUDY}, data={"params": json.dumps({"question": "x" * 100_000})}
+        ),
+        422,
+        "question",
+    ),
+    (
+        "truncated nii.gz",
+        lambda s: infer(
+            s, image=None, files={"file": ("t.nii.gz", nifti_bytes(np.ones((32, 32, 32), np.int16))[:-200])}
+        ),
+        422,
+        "gzip",
+    ),
+    (
+        "truncated plain nii",
+        lambda s: infer(
+            s,
+            image=None,
+            files={"file": ("t.nii", nifti_bytes(np.ones((32, 32, 32), np.int16), compress=False)[:-5000])},
+        ),
+        422,
+        "truncated",
+    ),
+    (
+        "chunked upload",
+        lambda s: requests.put(f"{s.url}/datastore/image", data=iter([b"x"] * 3)),
+        411,
+        "content-length",
+    ),
+    # accepted, then broke training
+    ("zero-size ROI", lambda s: put_label(s, markups_bytes(s, size=0.0)), 422, "zero size"),
+    ("ROI at 1e6 mm", lambda s: put_label(s, markups_bytes(s, center_shift=1e6)), 422, "outside the image"),
+    ("ROI without finding", lambda s: put_label(s, markups_bytes(s, label=None)), 422, "finding label"),
+    ("ROI unknown finding", lambda s: put_label(s, markups_bytes(s, label="R_1")), 422, "finding label"),
+    (
+        "SR label on NIfTI study",
+        lambda s: put_label(s, b"\0" * 128 + b"DICM" + b"\0" * 64, "sr.dcm"),
+        422,
+        "dicom study",
+    ),
+    ("float label map", lambda s: put_label(s, labelmap_bytes(s, 0.5, np.float32), "l.nii.gz"), 422, "integers"),
+    ("negative label map", lambda s: put_label(s, labelmap_bytes(s, -1, np.int16), "l.nii.gz"), 422, "0..3"),
+    ("out-of-range label map", lambda s: put_label(s, labelmap_bytes(s, 9), "l.nii.gz"), 422, "0..3"),
+    (
+        "wrong-affine label map",
+        lambda s: put_label(s, labelmap_bytes(s, 1, affine_shift=5.0), "l.nii.gz"),
+        422,
+        "geometry",
+    ),
+    ("wrong-shape label map", lambda s: put_label(s, labelmap_bytes(s, 1, shape=(8, 8, 8)), "l.nii.gz"), 422, "shape"),
+    ("truncated label map", lambda s: put_label(s, labelmap_bytes(s, 1)[:-300], "l.nii.gz"), 422, "gzip"),
+    ("label with .py name", lambda s: put_label(s, b"print(1)", "x.py"), 415, "unsupported label format"),
+    ("junk image", lambda s: put_image(s, b"not a nifti at all" * 10, "junk.nii.gz"), 422, "nifti"),
+    ("2D image", lambda s: put_image(s, nifti_bytes(np.zeros((16, 16), np.int16)), "flat.nii.gz"), 422, "3d"),
+    ("4D image", lambda s: put_image(s, nifti_bytes(np.zeros((8, 8, 8, 3), np.int16)), "four.nii.gz"), 422, "3d"),
+    (
+        "overwrite a study",
+        lambda s: put_image(s, nifti_bytes(np.zeros((8, 8, 8), np.int16)), image=STUDY),
+        409,
+        "already exists",
+    ),
+    ("train steps -1", lambda s: train(s, {"steps": -1}), 422, "steps"),
+    ("train steps 1e9", lambda s: train(s, {"steps": 10**9}), 422, "steps"),
+    ("train steps float", lambda s: train(s, {"steps": 1.5}), 422, "steps"),
+    ("train bad method", lambda s: train(s, {"method": "ppo"}), 422, "method"),
+    ("train gate word", lambda s: train(s, {"gate": "maybe"}), 422, "gate"),
+    ("train unknown key", lambda s: train(s, {"max_epochs": 3}), 422, "unknown train parameter"),
+    (
+        "scoring unknown key",
+        lambda s: requests.post(f"{s.url}/scoring/evlf_disagreement", json={"x": 1}),
+        422,
+        "unknown scoring parameter",
+    ),
+    (
+        "strategy bad labels",
+        lambda s: requests.post(f"{s.url}/activelearning/random", json={"labels": 3}),
+        422,
+        "labels",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "call", "status", "word"), CASES, ids=[c[0] for c in CASES])
+def test_bad_request_is_refused_with_a_message_and_leaves_nothing(server, name, call, status, word):
+    before, temp_before = snapshot(server.studies, server.outside), sorted(server.tmp.iterdir())
+    response = call(server)
+    assert response.status_code == status, (name, response.status_code, response.text[:300])
+    detail = str(response.json()["detail"])
+    assert word.lower() in detail.lower(), detail
+    assert "Traceback" not in response.text and str(REPO_ROOT) not in response.text
+    assert str(server.tmp) not in response.text and "/tmp/" not in response.text
+    assert snapshot(server.studies, server.outside) == before
+    assert not (server.studies.parent / "escaped.txt").exists()
+    time.sleep(0.05)  # background clean-ups run after the response
+    assert sorted(server.tmp.iterdir()) == temp_before, "upload temp files leaked"
+
+
+def test_bomb_cases_stay_bounded_in_memory(server):
+    """Runs after the corpus in this module: a 64 MiB gzip bomb (64 KiB on the wire, header says 512 KiB) and a
+    header claiming 1024^3 voxels are refused after reading at most what the header allows, so the peak stays
+    within the first use of the image readers (ITK alone is ~250 MiB) of the start-up size."""
+    bomb = infer(server, image=None, files={"file": ("b.nii.gz", lying_header((64,) * 3, b"\0" * (64 << 20)))})
+    assert bomb.status_code == 422
+    assert lying_header((1024,) * 3) and put_image(server, lying_header((1024,) * 3), "big.nii.gz").status_code == 413
+    grown = server.peak_rss_mib() - server.start_rss_mib
+    print(f"server peak RSS {server.peak_rss_mib():.0f} MiB, {grown:.0f} MiB above start-up")
+    assert grown < 512, f"peak RSS grew by {grown:.0f} MiB"
+
+
+def test_good_requests_still_work_and_name_no_server_paths(server):
+    response = infer(server)
+    assert response.status_code == 200, response.text[:300]
+    body = response.json()
+    assert body["model"]["id"].startswith("slow-ground-truth-oracle")
+    assert str(server.studies) not in response.text and str(REPO_ROOT) not in response.text
+    upload = infer(server, image=None, files={"file": ("u.nii.gz", (server.studies / f"{STUDY}.nii.gz").read_bytes())})
+    assert upload.status_code == 200 and upload.json()["boxes"] == body["boxes"]
+    info = requests.get(f"{server.url}/info/", timeout=10)
+    assert str(REPO_ROOT) not in info.text and str(server.studies) not in info.text
+
+
+def test_valid_uploads_are_stored_atomically_and_not_overwritten(server):
+    image = nifti_bytes(np.zeros((12, 12, 6), np.int16))
+    first = put_image(server, image, "fresh.nii.gz")
+    assert first.status_code == 200 and first.json() == {"image": "fresh"}
+    assert (server.studies / "fresh.nii.gz").read_bytes() == image
+    assert put_image(server, image, "fresh.nii.gz").status_code == 409
+    saved = put_label(server, markups_bytes(server))
+    assert saved.status_code == 200, saved.text
+    assert (server.studies / "labels" / "final" / f"{STUDY}.json").is_file()
+    assert not list(server.studies.rglob("*.tmp"))
+    assert requests.delete(f"{server.url}/datastore/image", params={"id": "fresh"}).status_code == 200
+    assert not (server.studies / "fresh.nii.gz").exists()
+    assert (server.outside / "precious.txt").read_text() == "keep me"
+
+
+def test_cors_allows_only_the_servers_own_origin(server):
+    port = server.url.rsplit(":", 1)[1]
+    evil = {"Origin": "http://evil.example", "Access-Control-Request-Method": "PUT"}
+    preflight = requests.options(f"{server.url}/datastore/image", headers=evil)
+    assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
+    assert requests.get(f"{server.url}/info/", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert requests.get(f"{server.url}/info/", headers={"Origin": "null"}).status_code == 403
+    own = f"http://localhost:{port}"
+    ok = requests.get(f"{server.url}/info/", headers={"Origin": own})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] in (own, "*")
+    rebinding = requests.get(f"{server.url}/info/", headers={"Host": f"evil.example:{port}"})
+    assert rebinding.status_code == 403
+
+
+def test_info_answers_while_grounding_runs(server):
+    """A burst of grounding requests (each slice costs the slow backend 0.05 s) while /info/ is polled."""
+    done = threading.Event()
+    statuses: list[int] = []
+
+    def burst() -> None:
+        for _ in range(3):
+            statuses.append(infer(server).status_code)
+        done.set()
+
+    worker = threading.Thread(target=burst)
+    worker.start()
+    latencies = []
+    while not done.is_set():
+        started = time.perf_counter()
+        assert requests.get(f"{server.url}/info/", timeout=5).status_code == 200
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.05)
+    worker.join()
+    assert statuses == [200, 200, 200] and len(latencies) >= 5
+    p95 = statistics.quantiles(latencies, n=20)[-1]
+    print(f"/info/ during grounding: n={len(latencies)} p95={p95 * 1000:.0f} ms max={max(latencies) * 1000:.0f} ms")
+    assert p95 < 1.0
+
+
+def test_busy_model_answers_429_beyond_the_queue(layout, tmp_path_factory):
+    studies, outside = layout
+    server = _start(
+        studies, outside, tmp_path_factory.mktemp("queue") / "tmp", {"max_queued_requests": "1", "backend.delay": "0.3"}
+    )
+    try:
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(infer(server).status_code)) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.1)
+        for thread in threads:
+            thread.join()
+        assert sorted(results) == [200, 429, 429]
+    finally:
+        _stop(server)
+
+
+def test_token_auth_with_3d_slicers_client(layout, tmp_path_factory, slicer_client_class):
+    studies, outside = layout
+    root = tmp_path_factory.mktemp("auth")
+    secret = root / "token"
+    secret.write_text(SECRET + "\n")
+    server = _start(studies, outside, root / "tmp", {"auth_token_file": str(secret)})
+    try:
+        assert requests.get(f"{server.url}/info/").status_code == 401
+        assert requests.get(f"{server.url}/info/", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        client = slicer_client_class(server.url, tmpdir=str(root))
+        assert client.auth_enabled() is True
+        with pytest.raises(Exception, match="401"):
+            client.auth_token("radiologist", "guess")
+        client.update_auth(client.auth_token("radiologist", SECRET))
+        assert client.auth_valid_token() is True
+        assert "evlf_grounding" in client.info()["models"]
+        result_file, params = client.infer("evlf_grounding", STUDY, {})
+        assert Path(result_file).is_file() and params["boxes"]
+        static = requests.get(f"{server.url}/info/", headers={"Authorization": f"Bearer {SECRET}"})
+        assert static.status_code == 200
+    finally:
+        _stop(server)
