@@ -21,10 +21,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pydicom
+from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from monailabel_evlf.annotations.slicer_markups import read_roi_markups
+from monailabel_evlf.app.config import DEFAULT_LABELS
 from monailabel_evlf.app.security import (
     Limits,
     check_id,
@@ -49,13 +51,13 @@ _AFFINE_ATOL_MM = 1e-3
 
 
 def label_suffix(name: str) -> str:
-    """The label format of a file name; 415 for anything the train task cannot read."""
+    """The label format of a file name; 422 for anything the train task cannot read."""
     lowered = Path(name).name.lower()
     for suffix in (*IMAGE_LABEL_SUFFIXES, *MARKUPS_SUFFIXES, *DICOM_LABEL_SUFFIXES):
         if lowered.endswith(suffix):
             return suffix
     supported = ", ".join((*MARKUPS_SUFFIXES, *IMAGE_LABEL_SUFFIXES, *DICOM_LABEL_SUFFIXES))
-    raise refuse(415, f"unsupported label format {Path(name).name[:80]!r}; use {supported}")
+    raise refuse(422, f"unsupported label format {Path(name).name[:80]!r}; use {supported}")
 
 
 def _check_markups(label_path: str, image: Any, targets: Sequence[str], limits: Limits) -> None:
@@ -78,7 +80,10 @@ def _check_markups(label_path: str, image: Any, targets: Sequence[str], limits: 
 
 
 def _check_labelmap(label_path: str, image: Any, targets: Sequence[str], limits: Limits) -> None:
-    check_volume_file(label_path, limits)
+    try:
+        check_volume_file(label_path, limits)
+    except HTTPException as exc:
+        raise refuse(exc.status_code, f"unreadable label map: {exc.detail}") from None
     if label_path.lower().endswith((".nii", ".nii.gz")):
         kind = nib.load(label_path).header.get_data_dtype().kind
         if kind not in "iub":
@@ -100,21 +105,23 @@ def _check_labelmap(label_path: str, image: Any, targets: Sequence[str], limits:
             raise refuse(422, "label map geometry (origin, spacing, directions) does not match the image")
 
 
-def check_label_file(label_path: str, image_path: str, targets: Sequence[str], limits: Limits) -> None:
-    """422 / 415 unless the label is something training can use on this image: Slicer ROI markups naming known
+def check_label_file(
+    label_path: str, image_path: str, targets: Sequence[str] = DEFAULT_LABELS, limits: Limits = Limits()
+) -> None:
+    """422 unless the label is something training can use on this image: Slicer ROI markups naming known
     findings inside the image, an integer label map on the image's grid, or a DICOM SR / SEG of a DICOM study."""
     if not os.path.isfile(label_path) or os.path.getsize(label_path) == 0:
         raise refuse(422, "the label file is empty")
     suffix = label_suffix(label_path)
     if suffix in DICOM_LABEL_SUFFIXES:
-        if not os.path.isdir(image_path):
-            raise refuse(422, "a DICOM SR / SEG label needs a DICOM study; this image is a volume file")
         try:
             modality = pydicom.dcmread(label_path, stop_before_pixels=True).get("Modality")
         except Exception:  # pydicom raises several error types on truncated files
             raise refuse(422, "unreadable DICOM label") from None
         if modality not in ("SR", "SEG"):
             raise refuse(422, f"a DICOM label must be an SR or SEG, got modality {modality!r}")
+        if not os.path.isdir(image_path):
+            raise refuse(422, "a DICOM SR / SEG label needs a DICOM study; this image is a volume file")
         return
     image = load_volume(image_path) if image_path and os.path.isfile(image_path) else None
     if suffix in MARKUPS_SUFFIXES:

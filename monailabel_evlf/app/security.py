@@ -38,6 +38,7 @@ _NRRD_SIZES = {
 }
 _NRRD_TYPES = {name.strip(): size for size, names in _NRRD_SIZES.items() for name in names.split(",")}
 _CHUNK = 1 << 20
+TRAIN_PARAMS = ("gate", "label_tag", "method", "steps")
 # absolute POSIX paths of two or more components, as readers and tracebacks print them
 _PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+@~-]+/)+[\w.+@~-]*")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -148,12 +149,12 @@ def parse_bool(value: Any, what: str) -> bool:
 
 
 def volume_suffix(name: str) -> str:
-    """The volume format of a file name, or 415 for anything else (scripts, archives, 2D images...)."""
+    """The volume format of a file name, or 422 for anything else (scripts, archives, 2D images...)."""
     lowered = name.lower()
     for suffix in VOLUME_SUFFIXES:
         if lowered.endswith(suffix):
             return suffix
-    raise refuse(415, f"unsupported image format {Path(name).name[:80]!r}: use {', '.join(VOLUME_SUFFIXES)}")
+    raise refuse(422, f"unsupported image format {Path(name).name[:80]!r}: use {', '.join(VOLUME_SUFFIXES)}")
 
 
 def _gzip_size(path: Path, offset: int, limit: int) -> int:
@@ -193,7 +194,7 @@ def _check_nifti(path: Path, limits: Limits) -> None:
         # a single-file NIfTI's data cannot start inside the header (+4 extension bytes); writers may leave 0
         offset = max(int(header.get_data_offset()), int(header["sizeof_hdr"]) + 4)
     except Exception as exc:  # nibabel raises many types on a junk header; the header alone is read here
-        raise refuse(422, f"not a readable NIfTI header ({type(exc).__name__})") from None
+        raise refuse(422, f"cannot read the image: not a NIfTI header ({type(exc).__name__})") from None
     expected = offset + _check_grid(shape, limits) * itemsize
     if path.name.lower().endswith(".gz"):
         size = _gzip_size(path, 0, expected)
@@ -306,7 +307,9 @@ def check_train_params(params: dict[str, Any], config: Any, limits: Limits) -> d
     allowed = {"method", "steps", "label_tag", "gate"}
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise refuse(422, f"unknown train parameter(s) {', '.join(map(repr, unknown))}; use {', '.join(sorted(allowed))}")
+        raise refuse(
+            422, f"unknown train parameter(s) {', '.join(map(repr, unknown))}; use {', '.join(sorted(allowed))}"
+        )
     if params.get("method", config.train_method) not in ("grpo", "sft"):
         raise refuse(422, f"'method' must be 'grpo' or 'sft', got {params['method']!r}")
     steps = params.get("steps", config.train_steps)

@@ -441,7 +441,7 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
         labels = params.get("labels")
         if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
             raise refuse(422, "'labels' must be a list of strings")
-        if not isinstance(params.get("client_id", ""), str):
+        if not isinstance(params.get("client_id") or "", str):
             raise refuse(422, "'client_id' must be a string")
         return ml_activelearning.sample(strategy, params, user.username)
 

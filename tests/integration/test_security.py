@@ -225,7 +225,7 @@ CASES: list[Case] = [
     (
         "py upload as image",
         lambda s: put_image(s, b"import os\n", "sitecustomize.py", "../outside/sitecustomize"),
-        415,
+        422,
         "unsupported image format",
     ),
     (
@@ -437,7 +437,7 @@ CASES: list[Case] = [
     ),
     ("wrong-shape label map", lambda s: put_label(s, labelmap_bytes(s, 1, shape=(8, 8, 8)), "l.nii.gz"), 422, "shape"),
     ("truncated label map", lambda s: put_label(s, labelmap_bytes(s, 1)[:-300], "l.nii.gz"), 422, "gzip"),
-    ("label with .py name", lambda s: put_label(s, b"print(1)", "x.py"), 415, "unsupported label format"),
+    ("label with .py name", lambda s: put_label(s, b"print(1)", "x.py"), 422, "unsupported label format"),
     ("junk image", lambda s: put_image(s, b"not a nifti at all" * 10, "junk.nii.gz"), 422, "nifti"),
     ("2D image", lambda s: put_image(s, nifti_bytes(np.zeros((16, 16), np.int16)), "flat.nii.gz"), 422, "3d"),
     ("4D image", lambda s: put_image(s, nifti_bytes(np.zeros((8, 8, 8, 3), np.int16)), "four.nii.gz"), 422, "3d"),
