@@ -42,6 +42,7 @@ NORMAL_LABEL = "normal"
 DEFAULT_SHAPE: tuple[int, int, int] = (96, 96, 40)
 GROUND_TRUTH_DIR = "ground_truth"
 DICOM_DIR = "dicom"
+_VQA_STREAM = 1  # the VQA set's generator is seeded [*study seed, _VQA_STREAM], apart from the image's
 
 AIR_HU = -1000.0
 _MIN_SHAPE = 8
@@ -484,11 +485,19 @@ def save_phantom(phantom: Phantom, out_dir: str | pathlib.Path, *, dicom: bool =
     truth_dir.mkdir(parents=True, exist_ok=True)
     _write_nifti(phantom.image.astype(np.int16), phantom.affine, out_dir / f"{study_id}.nii.gz")
     _write_nifti(phantom.labelmap, phantom.affine, truth_dir / f"{study_id}_lesions.nii.gz")
+    # imported here: vqa reads this module's vocabularies
+    from monailabel_evlf.data.vqa import VQA_SUFFIX, study_vqa, write_vqa
+
+    write_vqa(
+        study_vqa(phantom.ground_truth, [*phantom.ground_truth["generator"]["seed"], _VQA_STREAM]),
+        truth_dir / f"{study_id}{VQA_SUFFIX}",
+    )
     sidecar = {
         **phantom.ground_truth,
         "files": {
             "image": f"{study_id}.nii.gz",
             "lesion_labelmap": f"{GROUND_TRUTH_DIR}/{study_id}_lesions.nii.gz",
+            "vqa": f"{GROUND_TRUTH_DIR}/{study_id}{VQA_SUFFIX}",
             "dicom": None,
         },
         "dicom": None,

@@ -67,6 +67,7 @@ def test_cli_writes_the_documented_layout(sample_dir, capsys):
         assert truth["files"] == {
             "image": f"{study_id}.nii.gz",
             "lesion_labelmap": f"ground_truth/{study_id}_lesions.nii.gz",
+            "vqa": f"ground_truth/{study_id}_vqa.jsonl",
             "dicom": f"dicom/{study_id}",
         }
         for rel in truth["files"].values():

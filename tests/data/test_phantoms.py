@@ -267,7 +267,7 @@ def test_written_dataset_is_byte_identical_for_a_seed(tmp_path):
     assert ids_a == ids_b == ["phantom_s5_000", "phantom_s5_001"]
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 6
+    assert files_a == files_b and len(files_a) == 8  # image, label map, sidecar, VQA set per study
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     truth = read_ground_truth(tmp_path / "a", ids_a[1])
