@@ -76,6 +76,7 @@ class SliceAnswer:
     text: str
     parsed: ParsedAnswer
     confidence: float | None = None  # the model's mean token probability of ``text``; None if it cannot say
+    box_scores: list[float | None] = field(default_factory=list)  # per parsed box (see VolumePipeline.box_scores)
 
 
 @dataclass
@@ -227,6 +228,27 @@ class VolumePipeline:
             return [None] * len(texts)
         return out
 
+    def box_scores(self, slices: Sequence[RenderedSlice], answers: Sequence[SliceAnswer]) -> None:
+        """Fill each answer's per-box scores: for a backend that proposes regions (the EVLF detection connector),
+        a box the model copied from a proposal (IoU >= 0.5) carries that proposal's detector score (predicted IoU x
+        centre peak) times the answer's confidence — the detector knows how well it localised, the LLM whether it
+        believes the finding; otherwise the answer's confidence alone."""
+        proposals: list[list[Box2D]] = [[] for _ in slices]
+        if getattr(self.backend, "has_proposals", False):
+            proposals = []
+            for batch in _batches(len(slices), self.config.batch_size):
+                proposals += self.backend.propose([slices[i].image for i in batch])
+        for answer, candidates in zip(answers, proposals, strict=True):
+            answer.box_scores = []
+            for box in answer.parsed.boxes:
+                ious = [_iou_or_zero(box, c) for c in candidates]
+                best = int(np.argmax(ious)) if ious else -1
+                if best >= 0 and ious[best] >= 0.5 and candidates[best].score is not None:
+                    confidence = 1.0 if answer.confidence is None else answer.confidence
+                    answer.box_scores.append(round(candidates[best].score * confidence, 4))
+                else:
+                    answer.box_scores.append(answer.confidence)
+
     def _parse(self, text: str, rendered: RenderedSlice) -> ParsedAnswer:
         height, width = rendered.image.shape[:2]
         return parse_answer(
@@ -291,10 +313,11 @@ class VolumePipeline:
         started = time.perf_counter()
         prompt = grounding_prompt(self.config.modality, target, self.backend.box_convention)
         result, slices = self._ask(volume, prompt, indices)
+        self.box_scores(slices, result.answers)
         detections = [
-            slice_box_to_voxel_box(_labelled(box, self.canonical(box.label or target), answer.confidence), rendered)
+            slice_box_to_voxel_box(_labelled(box, self.canonical(box.label or target), score), rendered)
             for answer, rendered in zip(result.answers, slices, strict=True)
-            for box in answer.parsed.boxes
+            for box, score in zip(answer.parsed.boxes, answer.box_scores, strict=True)
             if box.width > 0 and box.height > 0
         ]
         linked = link_slice_detections(

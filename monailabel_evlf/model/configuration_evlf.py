@@ -22,6 +22,13 @@ class EVLFConfig(PreTrainedConfig):
     disease_token_id / pixel_token_id: placeholder token ids the processor expands and the model fills.
     train_encoders: let the encoders train with the connectors. Off for pretrained encoders (the paper freezes
         them); on only for the from-scratch demo model, whose random encoders have nothing to preserve.
+    num_proposals: 0: phi_pixel projects the whole (pooled) grid to tokens. K > 0: phi_pixel is a detection
+        connector (monailabel_evlf.model.detection) handing the LLM its top-K region proposals, each as one region
+        token followed by the proposal's four box numbers as the LLM's own number-token embeddings.
+    finding_labels / finding_sites: the detection connector's label and site classes (lesion kinds, organs).
+    region_token_id / coordinate_token_id: the placeholders of a proposal's region token and its four numbers.
+    number_token_ids: the token ids of "0".."100" (the NORMALIZED_100 box numbers) for the coordinate tokens.
+    flip_average: average the proposal maps of the slice and its mirror image (test-time flip) when proposing.
     """
 
     model_type = "evlf"
@@ -41,6 +48,13 @@ class EVLFConfig(PreTrainedConfig):
     pixel_token_id: int = 0
     connector_hidden_act: str = "gelu"
     train_encoders: bool = False
+    num_proposals: int = 0
+    finding_labels: list[str] | None = None
+    finding_sites: list[str] | None = None
+    region_token_id: int = 0
+    coordinate_token_id: int = 0
+    number_token_ids: list[int] | None = None
+    flip_average: bool = True
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -52,6 +66,10 @@ class EVLFConfig(PreTrainedConfig):
         grid = self.pixel_grid_size
         if grid % self.pixel_pool:
             raise ValueError(f"pixel encoder grid {grid} is not divisible by pixel_pool {self.pixel_pool}")
+        if self.num_proposals < 0:
+            raise ValueError(f"num_proposals must be >= 0, got {self.num_proposals}")
+        if self.num_proposals and (len(self.number_token_ids or ()) != 101 or not self.finding_labels):
+            raise ValueError("a detection pixel connector needs 101 number_token_ids and finding_labels")
         if self.text_config.tie_word_embeddings:
             self.tie_word_embeddings = True
 
@@ -62,7 +80,9 @@ class EVLFConfig(PreTrainedConfig):
 
     @property
     def num_pixel_tokens(self) -> int:
-        """Pixel tokens per image after pooling: ``(grid / pixel_pool) ** 2``."""
+        """Pixel tokens per image: ``(grid / pixel_pool) ** 2``, or 5 per proposal (region + four numbers)."""
+        if self.num_proposals:
+            return 5 * self.num_proposals
         return (self.pixel_grid_size // self.pixel_pool) ** 2
 
 

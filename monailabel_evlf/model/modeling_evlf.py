@@ -1,7 +1,9 @@
 """EVLF model: disease-level tokens + pixel-level tokens spliced into a causal LM's prompt (LLaVA-style).
 
 f_disease (any HF vision model with one pooled embedding) -> phi_disease -> K exemplar tokens;
-f_pixel (any HF vision model with a feature grid) -> optional average pooling -> phi_pixel -> one token per cell.
+f_pixel (any HF vision model with a feature grid) -> phi_pixel, either the grid connector (optional average pooling,
+one token per cell) or the detection connector (top-K region proposals, each a region token + its four box
+numbers as number-token embeddings, see :mod:`monailabel_evlf.model.detection`).
 Both groups replace the processor's placeholder tokens in the prompt embeddings; the LLM does the rest, so
 ``generate`` with a KV cache, left padding and sampling come from ``transformers`` unchanged.
 """
@@ -19,7 +21,17 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from monailabel_evlf.model import dense_encoder  # noqa: F401 (registers the demo pixel encoder's auto classes)
 from monailabel_evlf.model.configuration_evlf import EVLFConfig
+from monailabel_evlf.model.detection import (
+    DetectionHead,
+    DetectionTarget,
+    Proposals,
+    box_numbers,
+    decode_proposals,
+    detection_loss,
+    mirror_maps,
+)
 
 
 class EVLFDiseaseConnector(nn.Module):
@@ -54,6 +66,50 @@ class EVLFPixelConnector(nn.Module):
         return self.linear_2(self.act(self.linear_1(tokens)))
 
 
+class EVLFProposalConnector(nn.Module):
+    """phi_pixel as a detector: grid -> proposal maps -> top-K proposals -> one region token per proposal.
+
+    The region token is an MLP over the grid feature at the proposal's centre and what the head says about it (peak
+    score, predicted IoU, box, label and site probabilities); the four box numbers follow it as number tokens.
+    Everything goes through ``forward`` because peft wraps a trained connector (``modules_to_save``) and only
+    forwards calls.
+    """
+
+    def __init__(self, config: EVLFConfig) -> None:
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        channels = config.pixel_config.hidden_size
+        self.num_proposals = config.num_proposals
+        self.num_labels, self.num_sites = len(config.finding_labels), len(config.finding_sites or ())
+        self.head = DetectionHead(channels, self.num_labels, self.num_sites)
+        summary = channels + 2 + 4 + self.num_labels + self.num_sites
+        self.linear_1 = nn.Linear(summary, hidden)
+        self.act = ACT2FN[config.connector_hidden_act]
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(
+        self, grid: torch.Tensor, mirrored_grid: torch.Tensor | None = None, maps_only: bool = False
+    ) -> torch.Tensor | tuple[Proposals, torch.Tensor]:
+        """``maps_only``: the head's raw maps (training); else ``(proposals, region tokens (B, K, D))``."""
+        maps = self.head(grid)
+        if maps_only:
+            return maps
+        mirrored = None if mirrored_grid is None else mirror_maps(self.head(mirrored_grid))
+        proposals = decode_proposals(maps, grid, self.num_proposals, self.num_labels, self.num_sites, mirrored)
+        summary = torch.cat(
+            [
+                proposals.features,
+                proposals.scores.unsqueeze(-1),
+                proposals.quality.unsqueeze(-1),
+                proposals.boxes,
+                proposals.label_probs,
+                proposals.site_probs,
+            ],
+            dim=-1,
+        )
+        return proposals, self.linear_2(self.act(self.linear_1(summary)))
+
+
 class EVLFPreTrainedModel(PreTrainedModel):
     config: EVLFConfig
     config_class = EVLFConfig
@@ -73,7 +129,7 @@ class EVLFModel(EVLFPreTrainedModel):
         self.disease_encoder = AutoModel.from_config(config.disease_config)
         self.pixel_encoder = AutoModel.from_config(config.pixel_config)
         self.disease_connector = EVLFDiseaseConnector(config)
-        self.pixel_connector = EVLFPixelConnector(config)
+        self.pixel_connector = EVLFProposalConnector(config) if config.num_proposals else EVLFPixelConnector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -96,15 +152,44 @@ class EVLFModel(EVLFPreTrainedModel):
         patches = hidden[:, hidden.shape[1] - side * side :, :]
         return patches.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[2], side, side)
 
+    def propose(self, dense_pixel_values: torch.Tensor) -> tuple[Proposals, torch.Tensor]:
+        """The detection connector's top-K proposals and region tokens (flip-averaged if ``config.flip_average``)."""
+        if not self.config.num_proposals:
+            raise ValueError("this EVLF model has a grid pixel connector: it makes no region proposals")
+        grid = self.pixel_grid(dense_pixel_values)
+        mirrored = self.pixel_grid(dense_pixel_values.flip(-1)) if self.config.flip_average else None
+        return self.pixel_connector(grid, mirrored)
+
+    def detection_loss(
+        self,
+        dense_pixel_values: torch.Tensor,
+        targets: list[DetectionTarget],
+        site_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The detection connector's training loss terms on a batch of images and their true boxes."""
+        maps = self.pixel_connector(self.pixel_grid(dense_pixel_values), maps_only=True)
+        config = self.config
+        return detection_loss(maps, targets, len(config.finding_labels), len(config.finding_sites or ()), site_mask)
+
+    def pixel_tokens(self, dense_pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D)``: grid-cell tokens, or per proposal its region token then its four box-number embeddings."""
+        if not self.config.num_proposals:
+            return self.pixel_connector(self.pixel_grid(dense_pixel_values))
+        proposals, region = self.propose(dense_pixel_values)
+        number_ids = torch.tensor(self.config.number_token_ids, device=region.device)
+        numbers = self.get_input_embeddings()(number_ids[box_numbers(proposals.boxes)])  # (B, K, 4, D)
+        return torch.cat([region.unsqueeze(2), numbers.to(region.dtype)], dim=2).flatten(1, 2)
+
     def get_image_features(
         self, pixel_values: torch.Tensor, dense_pixel_values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Disease tokens ``(B, K, D)`` and pixel tokens ``(B, N, D)`` for a batch of images."""
         output = self.disease_encoder(pixel_values=pixel_values)
         pooled = getattr(output, "pooler_output", None)
-        if pooled is None:  # encoders without a pooling head: mean over tokens
-            pooled = output.last_hidden_state.mean(dim=1)
-        return self.disease_connector(pooled), self.pixel_connector(self.pixel_grid(dense_pixel_values))
+        if pooled is None:  # encoders without a pooling head: mean over tokens (or over a conv grid's cells)
+            hidden = output.last_hidden_state
+            pooled = hidden.mean(dim=(-2, -1)) if hidden.dim() == 4 else hidden.mean(dim=1)
+        return self.disease_connector(pooled), self.pixel_tokens(dense_pixel_values)
 
     def merge_image_tokens(
         self,
@@ -121,6 +206,8 @@ class EVLFModel(EVLFPreTrainedModel):
         """
         disease_mask = input_ids == self.config.disease_token_id
         pixel_mask = input_ids == self.config.pixel_token_id
+        if self.config.num_proposals:
+            pixel_mask = (input_ids == self.config.region_token_id) | (input_ids == self.config.coordinate_token_id)
         if not (disease_mask.any() or pixel_mask.any()):
             return inputs_embeds
         if pixel_values is None or dense_pixel_values is None:
@@ -227,4 +314,10 @@ class EVLFForConditionalGeneration(EVLFPreTrainedModel, GenerationMixin):
 AutoModel.register(EVLFConfig, EVLFModel, exist_ok=True)
 AutoModelForImageTextToText.register(EVLFConfig, EVLFForConditionalGeneration, exist_ok=True)
 
-__all__ = ["EVLFDiseaseConnector", "EVLFForConditionalGeneration", "EVLFModel", "EVLFPixelConnector"]
+__all__ = [
+    "EVLFDiseaseConnector",
+    "EVLFForConditionalGeneration",
+    "EVLFModel",
+    "EVLFPixelConnector",
+    "EVLFProposalConnector",
+]

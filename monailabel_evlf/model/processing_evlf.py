@@ -19,6 +19,8 @@ from monailabel_evlf.model.configuration_evlf import EVLFConfig
 IMAGE_TOKEN = "<|image|>"
 DISEASE_TOKEN = "<|disease|>"
 PIXEL_TOKEN = "<|pixel|>"
+REGION_TOKEN = "<|region|>"  # a proposal's region token (detection pixel connector)
+COORD_TOKEN = "<|coord|>"  # one of a proposal's four box numbers
 
 # Qwen-style turns; ``<|image|>`` marks where the processor expands an image's disease + pixel tokens.
 CHAT_TEMPLATE = (
@@ -82,6 +84,7 @@ class EVLFProcessor(ProcessorMixin):
         chat_template: str | None = None,
         num_disease_tokens: int = 4,
         num_pixel_tokens: int = 16,
+        num_proposals: int = 0,
         disease_size: int = 32,
         disease_mean: Sequence[float] = (0.5, 0.5, 0.5),
         disease_std: Sequence[float] = (0.5, 0.5, 0.5),
@@ -91,6 +94,7 @@ class EVLFProcessor(ProcessorMixin):
     ) -> None:
         self.num_disease_tokens = int(num_disease_tokens)
         self.num_pixel_tokens = int(num_pixel_tokens)
+        self.num_proposals = int(num_proposals)
         self.disease_size = int(disease_size)
         self.disease_mean = list(disease_mean)
         self.disease_std = list(disease_std)
@@ -106,6 +110,7 @@ class EVLFProcessor(ProcessorMixin):
             tokenizer,
             num_disease_tokens=config.num_disease_tokens,
             num_pixel_tokens=config.num_pixel_tokens,
+            num_proposals=config.num_proposals,
             disease_size=int(config.disease_config.image_size),
             pixel_size=int(config.pixel_config.image_size),
             **image_options,
@@ -113,6 +118,8 @@ class EVLFProcessor(ProcessorMixin):
 
     @property
     def image_expansion(self) -> str:
+        if self.num_proposals:
+            return DISEASE_TOKEN * self.num_disease_tokens + (REGION_TOKEN + COORD_TOKEN * 4) * self.num_proposals
         return DISEASE_TOKEN * self.num_disease_tokens + PIXEL_TOKEN * self.num_pixel_tokens
 
     def pixel_inputs(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -171,4 +178,13 @@ class EVLFProcessor(ProcessorMixin):
 
 AutoProcessor.register(EVLFConfig, EVLFProcessor, exist_ok=True)
 
-__all__ = ["CHAT_TEMPLATE", "DISEASE_TOKEN", "IMAGE_TOKEN", "PIXEL_TOKEN", "EVLFProcessor", "image_to_float_rgb"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "COORD_TOKEN",
+    "DISEASE_TOKEN",
+    "IMAGE_TOKEN",
+    "PIXEL_TOKEN",
+    "REGION_TOKEN",
+    "EVLFProcessor",
+    "image_to_float_rgb",
+]

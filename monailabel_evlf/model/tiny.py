@@ -31,6 +31,10 @@ _CORPUS = (
     "No focal abnormality is visible; the organs appear normal. Is there a lesion? yes no",
     "Modality CT MR axial coronal sagittal slice image left right anterior posterior superior inferior",
     "Find the region that matches the description and report it. The answer is the label of the finding.",
+    "Is there a lesion in this slice? In which organ is the lesion? On which side? How many lesions are there?",
+    "How large is it? about 5 10 15 20 25 30 35 40 mm under over to Which kind of lesion? Where within the organ?",
+    "upper lower part medial lateral anterior posterior central What is the modality? In which plane? axial",
+    "no finding No focal lesion is seen in this slice.",
 )
 
 
@@ -83,37 +87,62 @@ def build_tiny_evlf(
     num_disease_tokens: int = 4,
     pixel_pool: int = 2,
     train_encoders: bool = False,
+    num_proposals: int = 0,
+    dense_channels: tuple[int, int, int] = (16, 32, 64),
+    dense_hidden_size: int = 48,
+    num_heads: int = 4,
     seed: int = 0,
 ):
-    """A tiny EVLF (SigLIP-vision + DINOv2 encoders, Qwen2 LLM, all random) and its processor.
+    """A tiny EVLF (SigLIP-vision disease encoder, Qwen2 LLM, all random) and its processor.
 
-    With ``out_dir`` both are saved there (safetensors) and reloadable with ``from_pretrained``.
-    Returns ``(model, processor)``.
+    The pixel encoder is a tiny DINOv2 with the grid connector (``num_proposals=0``), or with ``num_proposals`` K > 0
+    the stride-2 convolutional encoder (:mod:`~monailabel_evlf.model.dense_encoder`, input ``image_size`` px) with the
+    detection connector over the phantoms' lesion kinds and organs. With ``out_dir`` both are saved there
+    (safetensors) and reloadable with ``from_pretrained``. Returns ``(model, processor)``.
     """
     from transformers import Dinov2Config, Qwen2Config, SiglipVisionConfig
 
     from monailabel_evlf.model.configuration_evlf import EVLFConfig
+    from monailabel_evlf.model.dense_encoder import EVLFDenseEncoderConfig
     from monailabel_evlf.model.modeling_evlf import EVLFForConditionalGeneration
     from monailabel_evlf.model.processing_evlf import (
         CHAT_TEMPLATE,
+        COORD_TOKEN,
         DISEASE_TOKEN,
         IMAGE_TOKEN,
         PIXEL_TOKEN,
+        REGION_TOKEN,
         EVLFProcessor,
     )
 
-    tokenizer = build_tokenizer((IMAGE_TOKEN, DISEASE_TOKEN, PIXEL_TOKEN), chat_template=CHAT_TEMPLATE)
+    placeholders = (IMAGE_TOKEN, DISEASE_TOKEN, PIXEL_TOKEN, REGION_TOKEN, COORD_TOKEN)
+    tokenizer = build_tokenizer(placeholders, chat_template=CHAT_TEMPLATE)
     vision = {"num_hidden_layers": 1, "num_attention_heads": 2, "hidden_size": 32, "patch_size": patch_size}
+    if num_proposals:
+        pixel_config = EVLFDenseEncoderConfig(
+            image_size=image_size, stage_channels=list(dense_channels), hidden_size=dense_hidden_size
+        )
+        detection = {
+            "num_proposals": num_proposals,
+            "finding_labels": list(LESION_KINDS),
+            "finding_sites": list(ORGANS),
+            "region_token_id": tokenizer.convert_tokens_to_ids(REGION_TOKEN),
+            "coordinate_token_id": tokenizer.convert_tokens_to_ids(COORD_TOKEN),
+            "number_token_ids": tokenizer.convert_tokens_to_ids(list(NUMBER_TOKENS)),
+        }
+    else:
+        pixel_config, detection = Dinov2Config(**vision, mlp_ratio=2, image_size=image_size), {}
     config = EVLFConfig(
         disease_config=SiglipVisionConfig(**vision, intermediate_size=64, image_size=disease_image_size),
-        pixel_config=Dinov2Config(**vision, mlp_ratio=2, image_size=image_size),
+        pixel_config=pixel_config,
+        **detection,
         text_config=Qwen2Config(
             vocab_size=len(tokenizer),
             hidden_size=hidden_size,
             intermediate_size=2 * hidden_size,
             num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2),
             max_position_embeddings=2048,
             tie_word_embeddings=True,
             pad_token_id=tokenizer.pad_token_id,

@@ -34,6 +34,8 @@ DIAGNOSIS_PROMPTS: tuple[str, ...] = (
 )
 NUM_PROMPT_VARIANTS = len(DIAGNOSIS_PROMPTS) - 1
 
+NO_FINDING = "no finding"  # the grounding answer for a slice without the asked-for finding
+
 _MODALITY_NAMES = {
     "CT": "CT",
     "MR": "MRI",

@@ -67,6 +67,25 @@ class GRPOConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
 
 
+@dataclasses.dataclass
+class DetectorConfig:
+    """The detection pixel connector's own stage: the centre / box / label / site loss on true boxes."""
+
+    steps: int = 150
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 5.0
+    flip: bool = True  # mirror half the images (their site term is off: left / right swap)
+    intensity_jitter: float = 0.1  # gain and offset drawn from 1 +- j and +- j (fractions of full scale)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "steps", "batch_size", "learning_rate")
+        if not 0 <= self.intensity_jitter < 1:
+            raise ValueError(f"intensity_jitter must be in [0, 1), got {self.intensity_jitter}")
+
+
 T = TypeVar("T")
 
 

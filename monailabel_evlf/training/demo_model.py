@@ -1,14 +1,15 @@
 """``evlf build-demo-model``: the small offline EVLF committed at models/evlf-demo, trained here on phantoms.
 
-Nothing pretrained exists offline, so the recipe adds a Stage 0 before the paper's two stages: every weight of a
-randomly initialised tiny EVLF (encoders, connectors, LLM) is trained on phantom slices with the same SFT loop —
-this plays the part of the foundation model's pre-training. Stage 1 (SFT on LoRA + connectors, plus the tiny
-encoders, which ``train_encoders`` unfreezes because they start random) and Stage 2 (GRPO with the verifiable
-rewards) then run through the ordinary backend exactly as a user's fine-tuning would. The LoRA weights are merged
-and the model is saved with ``save_pretrained`` (safetensors + tokenizer + processor), so the app loads it like
-any other checkpoint and a user's adapters start from it. Held-out metrics and the recipe go into the folder.
-The lesion kinds / organs listed in the recipe are the only ones it sees: the learning-loop benchmark uses the
-ones left out as its distribution shift.
+Nothing pretrained exists offline, so the recipe adds a Stage 0 before the paper's two stages; it plays the part of
+the foundation model's pre-training. Stage 0a fits the detection pixel connector (pixel encoder + proposal head) on
+the true boxes (:mod:`monailabel_evlf.training.detector`); Stage 0b trains every other weight (disease encoder,
+connectors, LLM) with the SFT loop on targets that copy the proposals' numbers. Optional Stage 1 (SFT on LoRA +
+connectors, plus the tiny encoders, which ``train_encoders`` unfreezes because they start random) and Stage 2 (GRPO
+with the verifiable rewards) run through the ordinary backend exactly as a user's fine-tuning would. The LoRA
+weights are merged and the model is saved with ``save_pretrained`` (safetensors + tokenizer + processor), so the app
+loads it like any other checkpoint and a user's adapters start from it. Held-out metrics and the recipe go into
+the folder.
+The lesion kinds / organs listed in the recipe are the only ones it sees.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from monailabel_evlf.training.config import (
+    DetectorConfig,
     GRPOConfig,
     ProgressCallback,
     SFTConfig,
@@ -51,35 +53,45 @@ class DemoConfig:
     model: dict[str, Any] = field(default_factory=dict)  # monailabel_evlf.model.tiny.build_tiny_evlf arguments
     backend: dict[str, Any] = field(default_factory=dict)  # EVLFBackend options (lora_r, lora_alpha, ...)
     data: DemoData = field(default_factory=DemoData)
-    pretrain: SFTConfig = field(default_factory=SFTConfig)  # Stage 0: all weights
+    detector: DetectorConfig | None = None  # Stage 0a: the detection connector (models with num_proposals > 0)
+    pretrain: SFTConfig = field(default_factory=SFTConfig)  # Stage 0(b): all (other) weights
     sft: SFTConfig | None = None  # Stage 1: LoRA + connectors (+ tiny encoders)
     grpo: GRPOConfig | None = None  # Stage 2
 
 
 def load_demo_config(path: str | Path) -> DemoConfig:
     raw = load_training_yaml(path)
-    unknown = sorted(set(raw) - {"model", "backend", "data", "pretrain", "sft", "grpo"})
+    unknown = sorted(set(raw) - {"model", "backend", "data", "detector", "pretrain", "sft", "grpo"})
     if unknown:
         raise ValueError(f"{path}: unknown sections {unknown}")
     return DemoConfig(
         model=dict(raw.get("model") or {}),
         backend=dict(raw.get("backend") or {}),
         data=config_from_dict(DemoData, raw.get("data")),
+        detector=config_from_dict(DetectorConfig, raw["detector"]) if raw.get("detector") else None,
         pretrain=config_from_dict(SFTConfig, raw.get("pretrain")),
         sft=config_from_dict(SFTConfig, raw["sft"]) if raw.get("sft") else None,
         grpo=config_from_dict(GRPOConfig, raw["grpo"]) if raw.get("grpo") else None,
     )
 
 
-def phantom_split(data: DemoData, options: Any, split: str) -> list[Any]:
-    """Training or held-out samples from in-memory phantoms (no files: fast and exactly reproducible)."""
+def phantom_studies(data: DemoData, split: str) -> list[Any]:
+    """The training or held-out phantoms, in memory (no files: fast and exactly reproducible)."""
     from monailabel_evlf.data.phantoms import make_phantom
-    from monailabel_evlf.training.samples import phantom_samples
 
     count, seed = (data.train_studies, data.seed) if split == "train" else (data.held_out_studies, data.seed + 1)
+    return [
+        make_phantom([seed, index], kinds=data.kinds, organs=data.organs, study_id=f"{split}_{index:03d}")
+        for index in range(count)
+    ]
+
+
+def phantom_split(data: DemoData, options: Any, split: str, phantoms: list[Any] | None = None) -> list[Any]:
+    """Training or held-out samples from in-memory phantoms (:func:`phantom_studies` unless given)."""
+    from monailabel_evlf.training.samples import phantom_samples
+
     samples = []
-    for index in range(count):
-        phantom = make_phantom([seed, index], kinds=data.kinds, organs=data.organs, study_id=f"{split}_{index:03d}")
+    for index, phantom in enumerate(phantoms if phantoms is not None else phantom_studies(data, split)):
         samples += phantom_samples(
             phantom.image, phantom.affine, phantom.ground_truth, options, normal_slices=data.normal_slices, seed=index
         )
@@ -125,11 +137,13 @@ def build_demo_model(
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
     from monailabel_evlf.model.backends.evlf import EVLFBackend
     from monailabel_evlf.model.tiny import build_tiny_evlf
+    from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
     from monailabel_evlf.training.evaluate import evaluate
     from monailabel_evlf.training.finetune import default_rewards
     from monailabel_evlf.training.grpo import train_grpo
     from monailabel_evlf.training.samples import SampleOptions
     from monailabel_evlf.training.sft import train_sft
+    from monailabel_evlf.training.study_evaluation import evaluate_studies
 
     work = out.parent / f".{out.name}.building"
     shutil.rmtree(work, ignore_errors=True)
@@ -151,12 +165,21 @@ def build_demo_model(
         prompt_variants=data.prompt_variants,
         model_input_size=backend.model_input_size(tuple(data.size)),
     )
-    train, held_out = phantom_split(data, options, "train"), phantom_split(data, options, "held_out")
+    held_out_studies = phantom_studies(data, "held_out")
+    train, held_out = phantom_split(data, options, "train"), phantom_split(data, options, "held_out", held_out_studies)
     logger.info("demo model: %d training and %d held-out samples", len(train), len(held_out))
 
+    timings["samples_s"] = time.perf_counter() - started
+    frozen: set[int] = set()
+    if config.detector is not None:
+        mark = time.perf_counter()
+        train_detector(backend, train, config.detector, callback=callback)
+        train = copy_proposal_targets(backend, train)
+        frozen = {id(p) for p in backend.detector_parameters()}
+        timings["detector_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    for parameter in backend.peft_model.parameters():  # Stage 0 trains every weight (see module docstring)
-        parameter.requires_grad_(True)
+    for parameter in backend.peft_model.parameters():  # Stage 0(b) trains every other weight (module docstring)
+        parameter.requires_grad_(id(parameter) not in frozen)
     train_sft(backend, train, config.pretrain, callback=callback)
     _save_merged(backend, work / "stage0")
     timings["stage0_s"] = time.perf_counter() - mark
@@ -174,14 +197,18 @@ def build_demo_model(
     final = work / "final"
     _save_merged(backend, final)
 
-    report = evaluate(EVLFBackend.from_pretrained(str(final), **config.backend), held_out)
+    final_backend = EVLFBackend.from_pretrained(str(final), **config.backend)
+    report = evaluate(final_backend, held_out)
     metrics = report.flat()
-    timings["total_s"] = time.perf_counter() - started
+    timings["total_s"] = time.perf_counter() - started  # the build; the evaluations below are not part of it
+    studies = evaluate_studies(final_backend, [(p.image, p.affine, p.ground_truth) for p in held_out_studies])
+    studies.save(final / "eval")
     card = {
         "recipe": _jsonable(asdict(config)),
         "training_samples": len(train),
         "held_out_samples": len(held_out),
         "held_out_metrics": metrics,
+        "held_out_study_metrics": studies.metrics(),
         "timings": timings,
     }
     (final / "training_summary.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -195,7 +222,10 @@ def build_demo_model(
 
 
 def _model_card(card: dict[str, Any]) -> str:
-    metrics = "\n".join(f"| {name} | {value:.3f} |" for name, value in card["held_out_metrics"].items())
+    metrics = "\n".join(
+        f"| {name} | {value:.3f} |"
+        for name, value in {**card["held_out_metrics"], **card.get("held_out_study_metrics", {})}.items()
+    )
     return f"""# evlf-demo: a tiny offline EVLF trained on synthetic CT phantoms
 
 For demonstrations and tests of the annotation loop only; not a medical device, never trained on patient data.

@@ -15,7 +15,7 @@ from typing import Any
 
 from monailabel_evlf.model.backend import VLMBackend
 from monailabel_evlf.training.adapters import AdapterRegistry, AdapterVersion
-from monailabel_evlf.training.config import GRPOConfig, ProgressCallback, SFTConfig
+from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, ProgressCallback, SFTConfig
 from monailabel_evlf.training.samples import TrainingSample
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def finetune_adapter(
     held_out: Sequence[TrainingSample],
     registry: AdapterRegistry,
     *,
+    detector: DetectorConfig | None = None,
     sft: SFTConfig | None = None,
     grpo: GRPOConfig | None = None,
     reward_funcs: Sequence[Callable[..., list[float]]] | None = None,
@@ -59,23 +60,32 @@ def finetune_adapter(
     config_extra: dict[str, Any] | None = None,
     max_new_tokens: int = 96,
 ) -> FinetuneResult:
-    """SFT and/or GRPO on ``train_samples`` starting from the promoted adapter (if any), then save + gate."""
+    """SFT and/or GRPO on ``train_samples`` starting from the promoted adapter (if any), then save + gate.
+
+    ``detector`` (EVLF models with the detection connector) first fits the pixel encoder + proposal head on the
+    corrected boxes and rewrites the grounding targets to copy the new proposals: LoRA on the LLM alone cannot make
+    it see what its detector never proposes (docs/training.md, learning loop).
+    """
+    from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
     from monailabel_evlf.training.evaluate import evaluate
     from monailabel_evlf.training.grpo import train_grpo
     from monailabel_evlf.training.sft import train_sft
 
-    if sft is None and grpo is None:
-        raise ValueError("nothing to train: give an SFT and/or a GRPO config")
+    if sft is None and grpo is None and detector is None:
+        raise ValueError("nothing to train: give a detector, SFT and/or GRPO config")
     if not held_out:
         raise ValueError("the validation gate needs held-out samples")
     current = registry.load_promoted()
     backend.load_adapter(current.path if current else None)
     baseline = evaluate(backend, held_out, max_new_tokens=max_new_tokens).flat() if current is not None else None
-    stages = [s for s in (("sft", sft), ("grpo", grpo)) if s[1] is not None]
+    stages = [s for s in (("detector", detector), ("sft", sft), ("grpo", grpo)) if s[1] is not None]
     history: dict[str, list[dict[str, float]]] = {}
     for name, config in stages:
         logger.info("%s on %d samples", name, len(train_samples))
-        if name == "sft":
+        if name == "detector":
+            history[name] = train_detector(backend, train_samples, config, callback=callback)
+            train_samples = copy_proposal_targets(backend, train_samples)
+        elif name == "sft":
             history[name] = train_sft(backend, train_samples, config, callback=callback)
         else:
             history[name] = train_grpo(

@@ -106,6 +106,10 @@ def train_grpo(
         )
         advantages = group_advantages(rewards, group, scale=config.scale_rewards).float()
         log = {"step": step + 1, "reward": float(rewards.mean()), "reward_std": float(rewards.std()), **reward_means}
+        # the share of groups whose answers scored differently: only those carry a GRPO signal
+        log["groups_with_spread"] = float(
+            (rewards.view(-1, group).amax(1) > rewards.view(-1, group).amin(1)).float().mean()
+        )
         if torch.count_nonzero(advantages) == 0:
             log.update(loss=0.0, kl=0.0, clip_fraction=0.0, skipped=1.0)  # every group tied: no signal
         else:

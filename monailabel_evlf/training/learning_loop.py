@@ -1,11 +1,12 @@
-"""``evlf bench learning-loop``: does the annotation loop learn? Zero-shot vs few-shot GRPO vs SFT on a shift.
+"""``evlf bench learning-loop``: does the annotation loop learn? Zero-shot vs few-shot fine-tuning on a shift.
 
-The demo model never saw the shifted cases (a lesion kind and/or organ left out of its training; see
-configs/training/demo.yaml and learning-loop.yaml). Each "corrected case" is one phantom study whose lesion boxes
-stand in for a radiologist's corrected ROI boxes and go through :func:`~monailabel_evlf.training.samples.
-correction_samples`, the path the MONAI Label train task uses. For each number of cases the adapter is reset to
-the demo weights and trained with GRPO (grounding IoU + format rewards) or with SFT on the same samples, then
-measured on held-out shifted cases (Acc@0.5, mIoU) with wall time.
+The shifted cases are something the demo model lacks (configs/training/learning-loop.yaml says which and why:
+a display window it never saw). Each "corrected case" is one phantom study whose lesion boxes stand in for a
+radiologist's corrected ROI boxes and go through :func:`~monailabel_evlf.training.samples.correction_samples`, the
+path the MONAI Label train task uses. For each number of cases the adapter is reset to the demo weights and trained
+by each method on the same samples — SFT, GRPO (grounding IoU + format rewards) and the paper's SFT then GRPO,
+each after the detector stage for models with the detection connector — then measured on held-out shifted cases
+(Acc@0.5, mIoU) with wall time and, for GRPO, the share of groups whose rewards differ (the groups with signal).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class LearningLoopConfig:
     size: tuple[int, int] = (96, 96)
     window: str = "abdomen"
     phantom_shape: tuple[int, int, int] = (96, 96, 40)
+    methods: list[str] = field(default_factory=lambda: ["sft", "grpo", "sft+grpo"])
+    detector: dict[str, Any] | None = None  # the detector stage before each method (detection-connector models)
     sft: dict[str, Any] = field(default_factory=dict)
     grpo: dict[str, Any] = field(default_factory=dict)
 
@@ -74,7 +77,8 @@ def shifted_cases(config: LearningLoopConfig, count: int, seed_offset: int, opti
 def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """The whole benchmark; writes ``learning_loop.json``, ``learning_loop.md`` and ``learning_loop.png``."""
     from monailabel_evlf.model import load_backend
-    from monailabel_evlf.training.config import GRPOConfig, SFTConfig, config_from_dict
+    from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, SFTConfig, config_from_dict
+    from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
     from monailabel_evlf.training.evaluate import evaluate
     from monailabel_evlf.training.finetune import grounding_rewards
     from monailabel_evlf.training.grpo import train_grpo
@@ -96,8 +100,13 @@ def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progre
     train_cases = shifted_cases(config, max(config.shots), 1, options)
     held_out = [s for case in shifted_cases(config, config.held_out_cases, 2, options) for s in case]
     sft_config, grpo_config = config_from_dict(SFTConfig, config.sft), config_from_dict(GRPOConfig, config.grpo)
+    use_detector = config.detector is not None and getattr(backend, "has_proposals", False)
+    detector_config = config_from_dict(DetectorConfig, config.detector) if use_detector else None
+    unknown = sorted(set(config.methods) - {"sft", "grpo", "sft+grpo"})
+    if unknown:
+        raise ValueError(f"unknown learning-loop methods {unknown}; known: sft, grpo, sft+grpo")
 
-    def measure(name: str, shots: int, seconds: float) -> dict[str, Any]:
+    def measure(name: str, shots: int, seconds: float, spread: float | None = None) -> dict[str, Any]:
         metrics = evaluate(backend, held_out).flat()
         row = {
             "method": name,
@@ -105,6 +114,7 @@ def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progre
             "acc@0.5": metrics["acc@0.5"],
             "miou": metrics["miou"],
             "seconds": seconds,
+            "grpo_groups_with_spread": spread,
         }
         logger.info("%s", row)
         return row
@@ -112,16 +122,21 @@ def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progre
     backend.load_adapter(None)
     rows = [measure("zero-shot", 0, 0.0)]
     for shots in sorted(config.shots):
-        train = [s for case in train_cases[:shots] for s in case]
-        for name in ("grpo", "sft"):
+        for name in config.methods:
+            train = [s for case in train_cases[:shots] for s in case]
             backend.load_adapter(None)  # every run starts from the demo weights with a fresh adapter
             started = time.perf_counter()
             callback = _progress(f"{name} {shots}") if progress else None
-            if name == "grpo":
-                train_grpo(backend, train, grounding_rewards(), grpo_config, callback=callback)
-            else:
+            spread = None
+            if detector_config is not None:
+                train_detector(backend, train, detector_config, callback=callback)
+                train = copy_proposal_targets(backend, train)
+            if name in ("sft", "sft+grpo"):
                 train_sft(backend, train, sft_config, callback=callback)
-            rows.append(measure(name, shots, time.perf_counter() - started))
+            if name in ("grpo", "sft+grpo"):
+                history = train_grpo(backend, train, grounding_rewards(), grpo_config, callback=callback)
+                spread = sum(h["groups_with_spread"] for h in history) / len(history)
+            rows.append(measure(name, shots, time.perf_counter() - started, spread))
     backend.load_adapter(None)
     result = {"config": asdict(config), "held_out_samples": len(held_out), "rows": rows}
     (out / "learning_loop.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -137,10 +152,15 @@ def _progress(desc: str):
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| method | corrected cases | Acc@0.5 | mIoU | train time (s) |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| method | corrected cases | Acc@0.5 | mIoU | train time (s) | GRPO groups with reward spread |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
+        spread = row.get("grpo_groups_with_spread")
         lines.append(
-            f"| {row['method']} | {row['cases']} | {row['acc@0.5']:.3f} | {row['miou']:.3f} | {row['seconds']:.1f} |"
+            f"| {row['method']} | {row['cases']} | {row['acc@0.5']:.3f} | {row['miou']:.3f} | {row['seconds']:.1f} "
+            f"| {'-' if spread is None else f'{spread:.2f}'} |"
         )
     return "\n".join(lines)
 
@@ -154,8 +174,10 @@ def plot_learning_curve(rows: Sequence[dict[str, Any]], path: str | Path) -> Pat
     zero = next(r for r in rows if r["method"] == "zero-shot")
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, metric, title in zip(axes, ("acc@0.5", "miou"), ("Acc@0.5", "mIoU"), strict=True):
-        for method, colour in (("grpo", "#228833"), ("sft", "#4477aa")):
+        for method, colour in (("grpo", "#228833"), ("sft", "#4477aa"), ("sft+grpo", "#aa3377")):
             mine = [r for r in rows if r["method"] == method]
+            if not mine:
+                continue
             ax.plot([r["cases"] for r in mine], [r[metric] for r in mine], "o-", color=colour, label=method.upper())
         ax.axhline(zero[metric], color="#999999", linestyle="--", label="zero-shot")
         ax.set_xscale("log", base=2)

@@ -25,6 +25,7 @@ from monailabel_evlf.model.backend import BoxConvention
 
 TASKS = ("grounding", "diagnosis", "vqa")
 NORMAL_LABEL = "normal"
+NO_FINDING_REASONING = "No focal lesion is seen in this slice."
 
 
 @dataclass
@@ -76,6 +77,7 @@ class SampleOptions:
     modality: str = "CT"
     prompt_variants: int = 0  # diagnosis prompts: the base one (0) or a random one of 0..N (paper: N = 10)
     detailed_reasoning: bool = False  # phantoms: the sidecar's full finding sentence as <think> text
+    vqa_per_slice: int = 3  # phantoms: questions drawn per slice from its ground-truth VQA set (data/vqa.py)
     model_input_size: tuple[int, int] | None = None  # ABSOLUTE_MODEL_INPUT backends: the resized picture
 
 
@@ -85,6 +87,7 @@ class _SliceFinding:
     finding: str
     lesion: int  # which lesion / corrected box it is a cut of
     axis: int
+    site: str | None = None  # the host organ, where known (phantoms)
 
 
 def lesion_findings(ground_truth: dict[str, Any], detailed: bool = False) -> list[_SliceFinding]:
@@ -102,9 +105,8 @@ def lesion_findings(ground_truth: dict[str, Any], detailed: bool = False) -> lis
             lo, hi = np.zeros(3), np.zeros(3)
             lo[[a, b, axis]] = entry["box"][0], entry["box"][1], k
             hi[[a, b, axis]] = entry["box"][2], entry["box"][3], k + 1
-            findings.append(
-                _SliceFinding(VoxelBox(lo=lo, hi=hi, label=lesion["label"]), reasoning, int(lesion["id"]), axis)
-            )
+            box = VoxelBox(lo=lo, hi=hi, label=lesion["label"])
+            findings.append(_SliceFinding(box, reasoning, int(lesion["id"]), axis, lesion.get("organ")))
     return findings
 
 
@@ -153,12 +155,15 @@ def samples_for_volume(
     min_area_fraction: float = 0.5,
     seed: int = 0,
     source: dict[str, Any] | None = None,
+    ground_truth: dict[str, Any] | None = None,
 ) -> list[TrainingSample]:
     """Samples from the slices the findings lie on, plus ``normal_slices`` lesion-free slices inside the body.
 
-    Grounding: one sample per (slice, label), answer listing every box of that label on the slice. Diagnosis:
-    one per slice, label of the largest finding there (``"normal"`` on lesion-free slices). VQA (closed): which
-    label is on the slice, the diagnosis choices as options.
+    Grounding: one sample per (slice, label), answer listing every box of that label on the slice, and the open
+    question ("every abnormality"; "no finding" on lesion-free slices). Diagnosis: one per slice, label of the
+    largest finding there (``"normal"`` on lesion-free slices). VQA: with a phantom's ``ground_truth``,
+    ``vqa_per_slice`` questions drawn from the slice's ground-truth set (:func:`monailabel_evlf.data.vqa.
+    slice_questions`, every VQA-RAD / SLAKE type); otherwise which label is on the slice (closed).
     """
     from monailabel_evlf.tasks import prompts
 
@@ -178,12 +183,18 @@ def samples_for_volume(
         for k in rng.permutation(free)[:normal_slices]:
             by_slice[(display_axis, int(k))] = []
     samples: list[TrainingSample] = []
+    # phantoms ask their ground-truth VQA set instead of the one generic question
+    slice_options = (
+        options if ground_truth is None else replace(options, tasks=tuple(t for t in options.tasks if t != "vqa"))
+    )
     for axis in sorted({axis for axis, _ in by_slice}):
         keys = sorted(k for a, k in by_slice if a == axis)
         for rendered in render_slices(volume, keys, axis=axis, size=options.size, window=options.window):
             on_slice = by_slice[(axis, rendered.index)]
             meta = {**(source or {}), "axis": axis, "index": rendered.index}
-            samples += _slice_samples(rendered, on_slice, labels, options, prompts, rng, meta)
+            samples += _slice_samples(rendered, on_slice, labels, slice_options, prompts, rng, meta)
+            if "vqa" in options.tasks and ground_truth is not None:
+                samples += _vqa_samples(rendered, ground_truth, options, prompts, rng, meta)
     return samples
 
 
@@ -200,17 +211,27 @@ def _slice_samples(
     reasons = {f.box.label: f.finding for f in on_slice}
     largest = max(zip(boxes, on_slice, strict=True), key=lambda pair: pair[0].area)[1] if on_slice else None
     diagnosis = largest.box.label if largest else NORMAL_LABEL
-    reasoning = largest.finding if largest else "No focal lesion is seen in this slice."
+    reasoning = largest.finding if largest else NO_FINDING_REASONING
+    meta = {
+        **meta,
+        "box_sites": [f.site for f in on_slice],
+        "organ": largest.site if largest else None,
+        "lesion_kind": diagnosis,
+    }
     out = []
     if "grounding" in options.tasks:
         # one question per label ("Locate the cyst") plus the open question the app asks by default ("Locate every
-        # abnormality"), answered with every box on the slice, so training and inference prompts agree
+        # abnormality"), answered with every box on the slice, so training and inference prompts agree; a lesion-free
+        # slice answers the open question with "no finding" (negatives teach the model when to say nothing)
         targets = [(label, [b for b in boxes if b.label == label]) for label in sorted({b.label for b in boxes})]
-        if boxes:
-            targets.append((None, boxes))
+        targets.append((None, boxes))
         for label, mine in targets:
             reason = reasons[label] if label else " ".join(dict.fromkeys(reasons.values()))
-            target = prompts.grounding_target(reason, mine, options.convention, rendered.size, options.model_input_size)
+            if mine:
+                size, convention = rendered.size, options.convention
+                target = prompts.grounding_target(reason, mine, convention, size, options.model_input_size)
+            else:
+                target = prompts.format_answer(NO_FINDING_REASONING, prompts.NO_FINDING)
             out.append(
                 TrainingSample(
                     image=rendered.image,
@@ -253,6 +274,53 @@ def _slice_samples(
     return out
 
 
+def vqa_reasoning(ground_truth: dict[str, Any], item: Any) -> str:
+    """The ``<think>`` text a VQA answer rests on: the lesions it is about (kind, organ, side), or what the slice
+    shows when it is about none of them — never a finding the answer does not name."""
+    from monailabel_evlf.data.phantoms import ORGANS
+
+    by_id = {lesion["id"]: lesion for lesion in ground_truth.get("lesions", [])}
+    about = [by_id[i] for i in item.lesion_ids if i in by_id]
+    if about:
+        return " ".join(
+            f"{lesion['label'].capitalize()} in the {lesion['organ']}, on the patient's {lesion['side']}."
+            for lesion in about
+        )
+    if item.question_type in ("modality", "plane"):
+        return f"An {'axial' if item.axis in (None, 2) else 'oblique'} {ground_truth.get('modality', 'CT')} slice."
+    organ = next((name for name in sorted(ORGANS, key=len, reverse=True) if name in item.question.lower()), None)
+    return f"No focal lesion in the {organ}." if organ else NO_FINDING_REASONING
+
+
+def _vqa_samples(
+    rendered: RenderedSlice,
+    ground_truth: dict[str, Any],
+    options: SampleOptions,
+    prompts: Any,
+    rng: np.random.Generator,
+    meta: dict[str, Any],
+) -> list[TrainingSample]:
+    """``options.vqa_per_slice`` questions drawn from the slice's ground-truth VQA set."""
+    from monailabel_evlf.data.vqa import item_truth, slice_questions
+
+    items = slice_questions(ground_truth, rendered.axis, rendered.index, rng)
+    out = []
+    for n in rng.permutation(len(items))[: options.vqa_per_slice]:
+        item = items[int(n)]
+        out.append(
+            TrainingSample(
+                image=rendered.image,
+                prompt=prompts.vqa_prompt(options.modality, item.question, closed_options=item.options),
+                target=prompts.vqa_target(vqa_reasoning(ground_truth, item), item.answer),
+                task="vqa",
+                answer=item.answer,
+                options=list(item.options) if item.options else None,
+                source={**meta, **item_truth(ground_truth, item), "question": item.question},
+            )
+        )
+    return out
+
+
 def phantom_samples(
     image: np.ndarray, affine: np.ndarray, ground_truth: dict[str, Any], options: SampleOptions, **kwargs: Any
 ) -> list[TrainingSample]:
@@ -260,7 +328,9 @@ def phantom_samples(
     volume = Volume(image, affine, {"modality": ground_truth.get("modality", "CT")})
     source = {"study_id": ground_truth.get("study_id")}
     findings = lesion_findings(ground_truth, options.detailed_reasoning)
-    return samples_for_volume(volume, findings, _phantom_labels(options), source=source, **kwargs)
+    return samples_for_volume(
+        volume, findings, _phantom_labels(options), source=source, ground_truth=ground_truth, **kwargs
+    )
 
 
 def _phantom_labels(options: SampleOptions) -> SampleOptions:
@@ -293,6 +363,7 @@ def datastore_samples(
             _phantom_labels(options),
             source={"study_id": study_id},
             seed=index,
+            ground_truth=truth,
             **kwargs,
         )
     return samples

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
 import torch
 
+from monailabel_evlf.imaging.geometry import Box2D
 from monailabel_evlf.model.backend import BoxConvention
 from monailabel_evlf.model.backends.base import HFVLMBackend
+from monailabel_evlf.model.detection import DetectionTarget, box_numbers
 from monailabel_evlf.model.modeling_evlf import EVLFForConditionalGeneration
 from monailabel_evlf.model.processing_evlf import IMAGE_TOKEN, image_to_float_rgb
 
@@ -36,7 +39,59 @@ class EVLFBackend(HFVLMBackend):
     def suppressed_token_ids(self) -> list[int]:
         config = self.model.config
         image_token = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        return sorted({config.disease_token_id, config.pixel_token_id, image_token})
+        ids = {config.disease_token_id, config.pixel_token_id, image_token}
+        if config.num_proposals:
+            ids |= {config.region_token_id, config.coordinate_token_id}
+        return sorted(ids)
+
+    # ----- the detection pixel connector ----------------------------------------------------------------------
+    @property
+    def has_proposals(self) -> bool:
+        """Whether the pixel connector is the detection connector (region proposals as tokens)."""
+        return bool(self.model.config.num_proposals)
+
+    def _dense(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.processor.pixel_inputs(list(images))["dense_pixel_values"].to(self.model.device)
+
+    def detector_parameters(self) -> list[torch.nn.Parameter]:
+        """The weights that find lesions (pixel encoder + proposal head): what the detection loss trains, and what
+        an adapter must carry when corrections teach the model to see something new."""
+        names = ("pixel_encoder.", "pixel_connector.modules_to_save", "pixel_connector.head.")
+        return [
+            p
+            for name, p in self.peft_model.named_parameters()
+            if "original_module" not in name
+            and any(key in name for key in names)
+            and ("pixel_connector" not in name or ".head." in name)
+        ]
+
+    def detection_loss(
+        self, images: Sequence[np.ndarray], targets: Sequence[DetectionTarget], site_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The detection connector's loss terms for slices and their true boxes (fractions of the image)."""
+        return self.model.model.detection_loss(self._dense(images), list(targets), site_mask)
+
+    @torch.no_grad()
+    def propose(self, images: Sequence[np.ndarray]) -> list[list[Box2D]]:
+        """Each slice's region proposals as the LLM reads them: boxes on the 0..100 grid mapped to image pixels,
+        best first, scored by the predicted IoU times the centre peak, labelled with the most likely finding."""
+        if not self.has_proposals:
+            raise ValueError(f"{self.model_id}: no detection pixel connector, so no region proposals")
+        proposals, _ = self.model.model.propose(self._dense(images))
+        numbers = box_numbers(proposals.boxes).cpu().numpy()
+        scores = (proposals.scores * proposals.quality).cpu().numpy()
+        labels = proposals.label_probs.argmax(-1).cpu().numpy()
+        names = self.model.config.finding_labels
+        out = []
+        for image, rows, row_scores, row_labels in zip(images, numbers, scores, labels, strict=True):
+            height, width = np.asarray(image).shape[:2]
+            out.append(
+                [
+                    Box2D(x1 * width / 100, y1 * height / 100, x2 * width / 100, y2 * height / 100, names[n], float(p))
+                    for (x1, y1, x2, y2), p, n in zip(rows, row_scores, row_labels, strict=True)
+                ]
+            )
+        return out
 
     def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """The pixel encoder's square input (both encoders resize the whole slice; answers are 0..100 anyway)."""

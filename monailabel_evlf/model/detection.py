@@ -1,0 +1,230 @@
+"""Region proposals on the pixel-level grid: a CenterNet-style head, its training loss and its decoding.
+
+The EVLF pixel connector hands the LLM a few proposals, each as a region token plus its four box numbers as ordinary
+number tokens; the LLM then chooses among them and writes the boxes as text (Groma's region tokens, VILA-M3's expert
+outputs). Copying numbers already in the context is easy for a small LM; inventing them from a feature grid is not
+(docs/models.md has the measurements). Why our own CenterNet: neither MONAI (RetinaNet, anchor-based, 3D-first) nor
+torchvision ships an anchor-free centre head that works on any encoder's feature grid; the GIoU term uses
+torchvision's op.
+
+Boxes here are fractions of the image, ``(x1, y1, x2, y2)`` in [0, 1], edge coordinates (docs/conventions.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_iou, generalized_box_iou_loss
+
+
+@dataclass
+class DetectionTarget:
+    """One image's true boxes (``(N, 4)`` fractions), finding-label and site indices (``-1``: unknown)."""
+
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    sites: torch.Tensor
+
+    @classmethod
+    def empty(cls) -> DetectionTarget:
+        return cls(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+
+@dataclass
+class Proposals:
+    """The top-K decoded proposals per image, best first; every tensor has leading dims ``(B, K)``."""
+
+    boxes: torch.Tensor  # (B, K, 4) fractions of the image
+    scores: torch.Tensor  # (B, K) centre-heatmap peak
+    quality: torch.Tensor  # (B, K) predicted IoU with the true box
+    label_probs: torch.Tensor  # (B, K, num_labels)
+    site_probs: torch.Tensor  # (B, K, num_sites)
+    features: torch.Tensor  # (B, K, C) grid feature at the peak
+
+
+class DetectionHead(nn.Module):
+    """Per grid cell: centre logit, (dx, dy, log w, log h), finding-label and site logits, IoU-quality logit."""
+
+    def __init__(self, channels: int, num_labels: int, num_sites: int) -> None:
+        super().__init__()
+        self.num_labels, self.num_sites = num_labels, num_sites
+        self.trunk = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True))
+        self.out = nn.Conv2d(channels, 1 + 4 + num_labels + num_sites + 1, 1)
+        with torch.no_grad():  # CenterNet's prior: few cells are centres
+            self.out.bias[0] = -2.19
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.out(self.trunk(grid))
+
+
+def split_maps(maps: torch.Tensor, num_labels: int, num_sites: int) -> dict[str, torch.Tensor]:
+    """The head's output channels by meaning (a function, so callers need only the class counts)."""
+    n_l, n_s = num_labels, num_sites
+    return {
+        "centre": maps[:, 0],
+        "offset": torch.sigmoid(maps[:, 1:3]),
+        "log_size": maps[:, 3:5],
+        "label": maps[:, 5 : 5 + n_l],
+        "site": maps[:, 5 + n_l : 5 + n_l + n_s],
+        "quality": maps[:, 5 + n_l + n_s],
+    }
+
+
+def _gaussian_heatmap(target: DetectionTarget, side: int) -> torch.Tensor:
+    """Centre targets: a Gaussian per box, peak 1 at its centre cell, spread with its size (max over boxes)."""
+    heat = torch.zeros(side, side)
+    if not len(target.boxes):
+        return heat
+    ys, xs = torch.meshgrid(
+        torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij"
+    )
+    for box in target.boxes * side:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        ix, iy = int(cx.clamp(0, side - 1)), int(cy.clamp(0, side - 1))
+        sigma = max(0.6, 0.15 * float(((box[2] - box[0]) * (box[3] - box[1])).clamp(min=1e-6).sqrt()))
+        heat = torch.maximum(heat, torch.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma**2)))
+        heat[iy, ix] = 1.0
+    return heat
+
+
+def detection_loss(
+    maps: torch.Tensor,
+    targets: list[DetectionTarget],
+    num_labels: int,
+    num_sites: int,
+    site_weight_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """CenterNet focal loss on the centres, L1 + GIoU on the boxes, cross-entropy on labels / sites, BCE on quality.
+
+    ``site_weight_mask`` (B,) switches the site term off for images whose site cannot be read from position
+    (mirrored augmentations).
+    """
+    parts = split_maps(maps, num_labels, num_sites)
+    side = maps.shape[-1]
+    heat_target = torch.stack([_gaussian_heatmap(t, side) for t in targets]).to(maps.device)
+    prob = torch.sigmoid(parts["centre"]).clamp(1e-4, 1 - 1e-4)
+    positive = heat_target.eq(1.0)
+    pos_loss = -(torch.log(prob) * (1 - prob) ** 2)[positive].sum()
+    neg_loss = -(torch.log(1 - prob) * prob**2 * (1 - heat_target) ** 4)[~positive].sum()
+    n_pos = max(1, int(positive.sum()))
+    losses = {"centre": (pos_loss + neg_loss) / n_pos}
+    rows, true_boxes, labels, sites, site_ok = [], [], [], [], []
+    for b, target in enumerate(targets):
+        for box, label, site in zip(target.boxes, target.labels, target.sites, strict=True):
+            scaled = box * side
+            ix = int(((scaled[0] + scaled[2]) / 2).clamp(0, side - 1))
+            iy = int(((scaled[1] + scaled[3]) / 2).clamp(0, side - 1))
+            rows.append((b, iy, ix))
+            true_boxes.append(box)
+            labels.append(int(label))
+            sites.append(int(site))
+            site_ok.append(site_weight_mask is None or bool(site_weight_mask[b]))
+    zero = maps.sum() * 0.0
+    if not rows:
+        return {**losses, "box": zero, "label": zero, "site": zero, "quality": zero}
+    b_idx, y_idx, x_idx = (torch.tensor(v, device=maps.device) for v in zip(*rows, strict=True))
+    truth = torch.stack(true_boxes).to(maps.device)
+    decoded = _decode_cells(parts, b_idx, y_idx, x_idx, side)
+    true_centre = (truth[:, :2] + truth[:, 2:]) / 2 * side
+    offset_target = true_centre - torch.stack([x_idx, y_idx], dim=1).float()
+    size_target = torch.log(((truth[:, 2:] - truth[:, :2]) * side).clamp(min=0.25))
+    losses["box"] = (
+        F.l1_loss(parts["offset"][b_idx, :, y_idx, x_idx], offset_target.clamp(0, 1))
+        + F.l1_loss(parts["log_size"][b_idx, :, y_idx, x_idx], size_target)
+        + generalized_box_iou_loss(decoded, truth, reduction="mean")
+    )
+    label_t = torch.tensor(labels, device=maps.device)
+    losses["label"] = (
+        F.cross_entropy(parts["label"][b_idx, :, y_idx, x_idx], label_t.clamp(min=0), reduction="none")[
+            label_t >= 0
+        ].mean()
+        if (label_t >= 0).any()
+        else zero
+    )
+    site_t = torch.tensor(sites, device=maps.device)
+    keep = (site_t >= 0) & torch.tensor(site_ok, device=maps.device)
+    losses["site"] = F.cross_entropy(parts["site"][b_idx, :, y_idx, x_idx][keep], site_t[keep]) if keep.any() else zero
+    iou = box_iou(decoded.detach(), truth).diagonal()
+    losses["quality"] = F.binary_cross_entropy_with_logits(parts["quality"][b_idx, y_idx, x_idx], iou)
+    return losses
+
+
+def _decode_cells(
+    parts: dict[str, torch.Tensor], b: torch.Tensor, y: torch.Tensor, x: torch.Tensor, side: int
+) -> torch.Tensor:
+    """Boxes (fractions) predicted at the given cells."""
+    offset = parts["offset"][b, :, y, x]
+    size = torch.exp(parts["log_size"][b, :, y, x])
+    centre = torch.stack([x, y], dim=1).float() + offset
+    return (torch.cat([centre - size / 2, centre + size / 2], dim=1) / side).clamp(0.0, 1.0)
+
+
+def mirror_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Head output of a horizontally mirrored image -> the maps of the original image (x offset mirrored too)."""
+    maps = maps.flip(-1).clone()
+    maps[:, 1] = -maps[:, 1]  # the x offset is a sigmoid logit: 1 - sigmoid(v) == sigmoid(-v)
+    return maps
+
+
+def decode_proposals(
+    maps: torch.Tensor,
+    grid: torch.Tensor,
+    k: int,
+    num_labels: int,
+    num_sites: int,
+    mirrored: torch.Tensor | None = None,
+) -> Proposals:
+    """Top-``k`` centre peaks (3x3 max-pool suppression) decoded into boxes, label / site probabilities, features.
+
+    With ``mirrored`` (the maps of the mirrored image, already mapped back by :func:`mirror_maps`) the centre,
+    box and quality maps are averaged (test-time flip); labels and sites come from the unmirrored image, where
+    left and right mean what they say.
+    """
+    parts = split_maps(maps, num_labels, num_sites)
+    heat = torch.sigmoid(parts["centre"])
+    if mirrored is not None:
+        other = split_maps(mirrored, num_labels, num_sites)
+        heat = (heat + torch.sigmoid(other["centre"])) / 2
+        parts = {
+            **parts,
+            "offset": (parts["offset"] + other["offset"]) / 2,
+            "log_size": (parts["log_size"] + other["log_size"]) / 2,
+            "quality": (parts["quality"] + other["quality"]) / 2,
+        }
+    batch, side = heat.shape[0], heat.shape[-1]
+    peaks = heat * (F.max_pool2d(heat.unsqueeze(1), 3, stride=1, padding=1).squeeze(1) == heat)
+    scores, flat = peaks.flatten(1).topk(k, dim=1)
+    y, x = flat // side, flat % side
+    b = torch.arange(batch, device=maps.device).unsqueeze(1).expand_as(flat)
+    boxes = _decode_cells(parts, b.reshape(-1), y.reshape(-1), x.reshape(-1), side).view(batch, k, 4)
+    return Proposals(
+        boxes=boxes,
+        scores=scores,
+        quality=torch.sigmoid(parts["quality"][b, y, x]),
+        label_probs=torch.softmax(parts["label"].permute(0, 2, 3, 1)[b, y, x], dim=-1),
+        site_probs=torch.softmax(parts["site"].permute(0, 2, 3, 1)[b, y, x], dim=-1),
+        features=grid.permute(0, 2, 3, 1)[b, y, x],
+    )
+
+
+def box_numbers(boxes: torch.Tensor) -> torch.Tensor:
+    """Fractions -> the integers 0..100 the LLM reads and writes (at least one unit wide and high)."""
+    numbers = (boxes * 100).round().long().clamp(0, 100)
+    x1, y1 = numbers[..., 0].clamp(max=99), numbers[..., 1].clamp(max=99)
+    x2, y2 = torch.maximum(numbers[..., 2], x1 + 1), torch.maximum(numbers[..., 3], y1 + 1)
+    return torch.stack([x1, y1, x2, y2], dim=-1)
+
+
+__all__ = [
+    "DetectionHead",
+    "DetectionTarget",
+    "Proposals",
+    "box_numbers",
+    "decode_proposals",
+    "detection_loss",
+    "mirror_maps",
+    "split_maps",
+]

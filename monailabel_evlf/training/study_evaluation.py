@@ -1,0 +1,192 @@
+"""Per-study evaluation through the app's own volume pipeline: what a reader scrolling the study would see.
+
+Slice metrics say whether the model draws the right box on a slice it is shown; a reader sees 3D boxes linked
+across the study's slices. Here every study goes through :meth:`VolumePipeline.ground` (the code the app's
+``evlf_grounding`` task runs) and its 3D boxes are matched one-to-one (greedy by score) with the true lesions:
+
+- lesion recall: share of lesions matched by one 3D box with 3D IoU >= ``iou_threshold`` (0.5);
+- false boxes per lesion-free study, and per study with lesions (boxes matching no lesion);
+- box-score AUROC: do the boxes' scores rank true boxes above false ones (Mann-Whitney U / (n_true * n_false));
+- a reliability table / plot: share of true boxes per score bin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monailabel_evlf.imaging.geometry import VoxelBox, box_iou_3d
+from monailabel_evlf.imaging.volume import Volume
+
+
+@dataclass
+class StudyReport:
+    """Per-study counts, every scored 3D box (score, is it a true box) and the summary metrics."""
+
+    studies: list[dict[str, Any]] = field(default_factory=list)
+    box_scores: list[float] = field(default_factory=list)
+    box_true: list[bool] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        lesions = sum(s["lesions"] for s in self.studies)
+        found = sum(s["found"] for s in self.studies)
+        normal = [s for s in self.studies if s["lesions"] == 0]
+        abnormal = [s for s in self.studies if s["lesions"] > 0]
+        out = {
+            "studies": float(len(self.studies)),
+            "lesions": float(lesions),
+            "lesion_recall@0.5": found / lesions if lesions else float("nan"),
+            "false_boxes_per_normal_study": (
+                sum(s["false_boxes"] for s in normal) / len(normal) if normal else float("nan")
+            ),
+            "normal_studies": float(len(normal)),
+            "false_boxes_per_lesion_study": (
+                sum(s["false_boxes"] for s in abnormal) / len(abnormal) if abnormal else float("nan")
+            ),
+            "box_score_auroc": box_auroc(self.box_scores, self.box_true),
+        }
+        return out
+
+    def reliability(self, bins: int = 10) -> list[dict[str, float]]:
+        """Per score bin (equal width over [0, 1]): number of boxes, mean score, share of true boxes."""
+        scores, true = np.asarray(self.box_scores, dtype=float), np.asarray(self.box_true, dtype=bool)
+        rows = []
+        edges = np.linspace(0.0, 1.0, bins + 1)
+        for lo, hi in pairwise(edges):
+            inside = (scores >= lo) & ((scores < hi) | (hi == 1.0))
+            if inside.any():
+                rows.append(
+                    {
+                        "bin": f"{lo:.1f}-{hi:.1f}",
+                        "n": int(inside.sum()),
+                        "mean_score": float(scores[inside].mean()),
+                        "true_fraction": float(true[inside].mean()),
+                    }
+                )
+        return rows
+
+    def to_text(self) -> str:
+        lines = ["per study (3D boxes through the volume pipeline)"]
+        lines += [f"  {name:<30} {value:8.3f}" for name, value in self.metrics().items()]
+        lines.append("  reliability: score bin, n, mean score, true fraction")
+        lines += [
+            f"    {r['bin']:<8} {r['n']:5d} {r['mean_score']:6.3f} {r['true_fraction']:6.3f}"
+            for r in self.reliability()
+        ]
+        return "\n".join(lines)
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        import json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / "studies.json", "text": out / "studies.txt", "png": out / "reliability.png"}
+        payload = {"metrics": self.metrics(), "reliability": self.reliability(), "studies": self.studies}
+        paths["json"].write_text(json.dumps(payload, indent=2, default=float) + "\n")
+        paths["text"].write_text(self.to_text() + "\n")
+        plot_reliability(self.reliability(), paths["png"])
+        return paths
+
+
+def box_auroc(scores: Sequence[float], true: Sequence[bool]) -> float:
+    """Probability that a true box outscores a false one (ties count half); NaN without both kinds."""
+    from scipy.stats import mannwhitneyu
+
+    scores, true = np.asarray(scores, dtype=float), np.asarray(true, dtype=bool)
+    if true.all() or not true.any():
+        return float("nan")
+    statistic = mannwhitneyu(scores[true], scores[~true], alternative="two-sided").statistic
+    return float(statistic / (true.sum() * (~true).sum()))
+
+
+def _truth_boxes(ground_truth: dict[str, Any]) -> list[VoxelBox]:
+    return [
+        VoxelBox(lo=np.asarray(les["voxel_box"]["lo"], float), hi=np.asarray(les["voxel_box"]["hi"], float))
+        for les in ground_truth.get("lesions", [])
+    ]
+
+
+def match_study(
+    predicted: Sequence[VoxelBox], truth: Sequence[VoxelBox], iou_threshold: float = 0.5
+) -> tuple[int, list[bool]]:
+    """``(lesions found, per predicted box: is it a true box)``; greedy one-to-one, best-scored boxes first."""
+    order = sorted(range(len(predicted)), key=lambda n: -(predicted[n].score or 0.0))
+    is_true = [False] * len(predicted)
+    if not truth or not predicted:
+        return 0, is_true
+    iou = np.atleast_2d(box_iou_3d(list(predicted), list(truth)))
+    taken: set[int] = set()
+    for n in order:
+        free = [(iou[n, t], t) for t in range(len(truth)) if t not in taken and iou[n, t] >= iou_threshold]
+        if free:
+            taken.add(max(free)[1])
+            is_true[n] = True
+    return len(taken), is_true
+
+
+def evaluate_studies(
+    backend: Any,
+    studies: Sequence[tuple[np.ndarray, np.ndarray, dict[str, Any]]],
+    pipeline_config: Any = None,
+    *,
+    iou_threshold: float = 0.5,
+) -> StudyReport:
+    """Run the grounding pipeline on ``(image, affine, ground_truth)`` studies and score their 3D boxes."""
+    from monailabel_evlf.inference import VolumePipeline
+
+    pipeline = VolumePipeline(backend, pipeline_config)
+    report = StudyReport()
+    for image, affine, truth in studies:
+        result = pipeline.ground(Volume(image, affine, {"modality": truth.get("modality", "CT")}))
+        lesions = _truth_boxes(truth)
+        found, is_true = match_study(result.voxel_boxes, lesions, iou_threshold)
+        report.studies.append(
+            {
+                "study_id": truth.get("study_id"),
+                "lesions": len(lesions),
+                "found": found,
+                "boxes": len(result.voxel_boxes),
+                "false_boxes": int(sum(not t for t in is_true)),
+            }
+        )
+        report.box_scores += [float(b.score or 0.0) for b in result.voxel_boxes]
+        report.box_true += is_true
+    return report
+
+
+def plot_reliability(rows: Sequence[dict[str, float]], path: str | Path) -> Path:
+    """Reliability diagram: share of true boxes against mean score per bin (the diagonal is calibrated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.0, 4.0))
+    ax.plot([0, 1], [0, 1], color="#bbbbbb", linestyle="--", linewidth=1)
+    if rows:
+        ax.plot([r["mean_score"] for r in rows], [r["true_fraction"] for r in rows], marker="o", color="#4477aa")
+        for r in rows:
+            ax.annotate(
+                str(r["n"]),
+                (r["mean_score"], r["true_fraction"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("3D box score")
+    ax.set_ylabel("share of true boxes (3D IoU >= 0.5)")
+    ax.set_title("box-score reliability (n per point)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+__all__ = ["StudyReport", "box_auroc", "evaluate_studies", "match_study", "plot_reliability"]

@@ -1,0 +1,129 @@
+"""The detection pixel connector: proposal maps, decoding, the mirror, its loss and the proposal tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monailabel_evlf.imaging.geometry import Box2D
+from monailabel_evlf.model.detection import (
+    DetectionTarget,
+    box_numbers,
+    decode_proposals,
+    detection_loss,
+    mirror_maps,
+    split_maps,
+)
+
+SIDE, LABELS, SITES = 16, 3, 4
+CHANNELS = 1 + 4 + LABELS + SITES + 1
+
+
+def _maps_with_box(cx: float, cy: float, w: float, h: float, label: int = 1) -> torch.Tensor:
+    """Head output (logits) whose single peak decodes to a box centred at (cx, cy) cells, w x h cells."""
+    maps = torch.full((1, CHANNELS, SIDE, SIDE), -8.0)
+    ix, iy = int(cx), int(cy)
+    maps[0, 0, iy, ix] = 8.0
+    off = torch.tensor([cx - ix, cy - iy]).clamp(1e-4, 1 - 1e-4)
+    maps[0, 1:3, iy, ix] = torch.log(off / (1 - off))
+    maps[0, 3:5, iy, ix] = torch.log(torch.tensor([w, h]))
+    maps[0, 5 + label, iy, ix] = 5.0
+    return maps
+
+
+def test_decode_recovers_the_encoded_box_and_label():
+    maps = _maps_with_box(5.25, 9.5, 4.0, 2.0, label=2)
+    proposals = decode_proposals(maps, torch.zeros(1, 8, SIDE, SIDE), 2, LABELS, SITES)
+    expected = torch.tensor([3.25, 8.5, 7.25, 10.5]) / SIDE
+    assert torch.allclose(proposals.boxes[0, 0], expected, atol=1e-4)
+    assert int(proposals.label_probs[0, 0].argmax()) == 2
+    assert proposals.scores[0, 0] > 0.99 and proposals.scores[0, 1] < 0.01
+
+
+def test_mirror_maps_of_the_mirrored_image_decode_to_the_same_box():
+    maps = _maps_with_box(5.25, 9.5, 4.0, 2.0)
+    # the same box seen in the mirrored image: centre x -> SIDE - x
+    seen_mirrored = _maps_with_box(SIDE - 5.25, 9.5, 4.0, 2.0)
+    back = decode_proposals(mirror_maps(seen_mirrored), torch.zeros(1, 8, SIDE, SIDE), 1, LABELS, SITES)
+    direct = decode_proposals(maps, torch.zeros(1, 8, SIDE, SIDE), 1, LABELS, SITES)
+    assert torch.allclose(back.boxes, direct.boxes, atol=1e-4)
+
+
+def test_box_numbers_round_and_keep_a_unit_width():
+    numbers = box_numbers(torch.tensor([[0.101, 0.2, 0.104, 0.2], [0.0, 0.995, 1.0, 1.0]]))
+    assert numbers.tolist() == [[10, 20, 11, 21], [0, 99, 100, 100]]
+
+
+def test_detection_loss_is_small_for_the_right_maps_and_large_for_wrong_ones():
+    target = DetectionTarget(
+        boxes=torch.tensor([[3.25, 8.5, 7.25, 10.5]]) / SIDE, labels=torch.tensor([2]), sites=torch.tensor([1])
+    )
+    right = _maps_with_box(5.25, 9.5, 4.0, 2.0, label=2)
+    right[0, 5 + LABELS + 1, 9, 5] = 5.0  # site 1
+    wrong = _maps_with_box(12.5, 2.5, 2.0, 2.0, label=0)
+    good = detection_loss(right, [target], LABELS, SITES)
+    bad = detection_loss(wrong, [target], LABELS, SITES)
+    assert good["box"] < 0.05 and good["label"] < 0.05 and good["site"] < 0.05
+    assert bad["centre"] > 10 * good["centre"] and bad["label"] > 1.0
+    nothing = detection_loss(right, [DetectionTarget.empty()], LABELS, SITES)  # a lesion-free slice
+    assert float(nothing["box"]) == 0.0 and nothing["centre"] > good["centre"]
+    assert set(split_maps(right, LABELS, SITES)) == {"centre", "offset", "log_size", "label", "site", "quality"}
+
+
+@pytest.fixture(scope="module")
+def proposal_backend(tmp_path_factory):
+    from monailabel_evlf.model.backends.evlf import EVLFBackend
+    from monailabel_evlf.model.tiny import build_tiny_evlf
+
+    path = tmp_path_factory.mktemp("proposal-evlf")
+    build_tiny_evlf(
+        path,
+        image_size=32,
+        hidden_size=32,
+        num_layers=1,
+        num_proposals=2,
+        dense_channels=(4, 8, 8),
+        dense_hidden_size=8,
+        train_encoders=True,
+    )
+    return EVLFBackend.from_pretrained(str(path))
+
+
+def test_prompt_carries_region_and_number_tokens_and_numbers_are_the_proposals(proposal_backend):
+    backend = proposal_backend
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[10:20, 30:40] = 200
+    inputs = backend.model_inputs([image], ["Locate every abnormality."])
+    config = backend.model.config
+    ids = inputs["input_ids"][0]
+    assert int((ids == config.region_token_id).sum()) == 2 and int((ids == config.coordinate_token_id).sum()) == 8
+    proposals, _ = backend.model.model.propose(inputs["dense_pixel_values"])
+    tokens = backend.model.model.pixel_tokens(inputs["dense_pixel_values"])  # (1, 10, D)
+    embed = backend.model.get_input_embeddings().weight
+    first_numbers = box_numbers(proposals.boxes)[0, 0]
+    for slot, number in zip(range(1, 5), first_numbers.tolist(), strict=True):
+        assert torch.equal(tokens[0, slot], embed[config.number_token_ids[number]])
+    boxes = backend.propose([image])[0]
+    assert len(boxes) == 2 and all(isinstance(b, Box2D) for b in boxes)
+    assert boxes[0].x1 == pytest.approx(first_numbers[0].item() * 60 / 100)
+    assert boxes[0].y2 == pytest.approx(first_numbers[3].item() * 40 / 100)
+    assert boxes[0].label in config.finding_labels and 0.0 <= boxes[0].score <= 1.0
+
+
+def test_generation_never_writes_placeholders(proposal_backend):
+    config = proposal_backend.model.config
+    assert {config.region_token_id, config.coordinate_token_id} <= set(proposal_backend.suppressed_token_ids())
+
+
+def test_proposal_model_round_trips_through_save_pretrained(proposal_backend, tmp_path):
+    from monailabel_evlf.model.modeling_evlf import EVLFForConditionalGeneration
+
+    merged = proposal_backend.peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    loaded = EVLFForConditionalGeneration.from_pretrained(tmp_path).eval()
+    dense = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        a, _ = merged.model.propose(dense)
+        b, _ = loaded.model.propose(dense)
+    assert torch.allclose(a.boxes, b.boxes) and loaded.config.num_proposals == 2

@@ -1,0 +1,113 @@
+"""The detector stage learns where bright squares are, and copy targets write the proposals' own numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from monailabel_evlf.imaging.geometry import Box2D, box_iou_2d
+from monailabel_evlf.tasks.parsing import parse_answer
+from monailabel_evlf.tasks.prompts import grounding_prompt, grounding_target
+from monailabel_evlf.training.config import DetectorConfig
+from monailabel_evlf.training.detector import copy_proposal_targets, train_detector, unique_slices
+from monailabel_evlf.training.samples import TrainingSample
+
+
+def _square_samples(n: int, seed: int) -> list[TrainingSample]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        image = np.full((32, 32, 3), 30, np.uint8)
+        x, y = (int(v) for v in rng.integers(2, 22, size=2))
+        image[y : y + 8, x : x + 8] = 220
+        box = Box2D(x, y, x + 8, y + 8, label="cyst")
+        target = grounding_target("Cyst.", [box], backend_convention(), (32, 32))
+        samples.append(
+            TrainingSample(
+                image=image,
+                prompt=grounding_prompt("CT"),
+                target=target,
+                task="grounding",
+                boxes=[box],
+                source={"study_id": f"s{i}", "axis": 2, "index": 0, "box_sites": ["liver"]},
+            )
+        )
+    return samples
+
+
+def backend_convention():
+    from monailabel_evlf.model.backend import BoxConvention
+
+    return BoxConvention.NORMALIZED_100
+
+
+@pytest.fixture()
+def backend(tmp_path):
+    from monailabel_evlf.model.backends.evlf import EVLFBackend
+    from monailabel_evlf.model.tiny import build_tiny_evlf
+
+    build_tiny_evlf(
+        tmp_path,
+        image_size=32,
+        hidden_size=32,
+        num_layers=1,
+        num_proposals=2,
+        dense_channels=(8, 16, 16),
+        dense_hidden_size=16,
+        train_encoders=True,
+    )
+    return EVLFBackend.from_pretrained(str(tmp_path))
+
+
+def _top_iou(backend, samples) -> float:
+    proposals = backend.propose([s.image for s in samples])
+    return float(np.mean([box_iou_2d(p[0], s.boxes[0]) for p, s in zip(proposals, samples, strict=True)]))
+
+
+def test_detector_stage_learns_to_propose_the_square(backend):
+    train = _square_samples(24, seed=0)
+    held_out = _square_samples(8, seed=1)
+    before = _top_iou(backend, held_out)
+    lm_weights = [p.detach().clone() for n, p in backend.peft_model.named_parameters() if "language_model" in n]
+    history = train_detector(backend, train, DetectorConfig(steps=80, batch_size=8, learning_rate=5e-3, seed=0))
+    after = _top_iou(backend, held_out)
+    assert history[-1]["loss"] < history[0]["loss"] / 3
+    assert after > 0.5 and after > before + 0.3
+    lm_after = [p for n, p in backend.peft_model.named_parameters() if "language_model" in n]
+    assert all(np.array_equal(a.numpy(), b.detach().numpy()) for a, b in zip(lm_weights, lm_after, strict=True))
+
+
+def test_copy_targets_write_the_matching_proposal(backend):
+    samples = _square_samples(4, seed=2)
+    train_detector(backend, samples * 6, DetectorConfig(steps=60, batch_size=8, learning_rate=5e-3, seed=0))
+    copied = copy_proposal_targets(backend, samples, min_iou=0.3)
+    proposals = backend.propose([s.image for s in samples])
+    for before, after, props in zip(samples, copied, proposals, strict=True):
+        assert after.boxes == before.boxes  # the truth the metrics use is unchanged
+        written = parse_answer(after.target, backend.box_convention, (32, 32)).boxes[0]
+        best = max(props, key=lambda p: box_iou_2d(p, before.boxes[0]))
+        if box_iou_2d(best, before.boxes[0]) >= 0.3:
+            assert np.allclose(written.as_array(), best.as_array(), atol=1e-6)
+        else:
+            assert np.allclose(written.as_array(), before.boxes[0].as_array(), atol=0.33)
+        assert json.loads(after.target.split("<answer>")[1].split("</answer>")[0])["label"] == "cyst"
+
+
+def test_unique_slices_keeps_one_sample_per_slice_with_every_box():
+    samples = _square_samples(3, seed=3)
+    twin = TrainingSample(
+        image=samples[0].image, prompt="p", target="t", task="diagnosis", boxes=[], source=dict(samples[0].source)
+    )
+    kept = unique_slices([twin, *samples])
+    assert len(kept) == 3 and all(s.boxes for s in kept)
+
+
+def test_detector_stage_refuses_a_grid_model(tmp_path):
+    from monailabel_evlf.model.backends.evlf import EVLFBackend
+    from monailabel_evlf.model.tiny import build_tiny_evlf
+
+    build_tiny_evlf(tmp_path, image_size=32, hidden_size=32, num_layers=1, pixel_pool=1)
+    with pytest.raises(ValueError, match="detection connector"):
+        train_detector(EVLFBackend.from_pretrained(str(tmp_path)), _square_samples(2, 0), DetectorConfig(steps=1))
