@@ -10,6 +10,11 @@ Both groups replace the processor's placeholder tokens in the prompt embeddings;
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import fields
+
 import torch
 from torch import nn
 from transformers import (
@@ -88,14 +93,20 @@ class EVLFProposalConnector(nn.Module):
         self.linear_2 = nn.Linear(hidden, hidden)
 
     def forward(
-        self, grid: torch.Tensor, mirrored_grid: torch.Tensor | None = None, maps_only: bool = False
+        self,
+        grid: torch.Tensor | None = None,
+        mirrored_grid: torch.Tensor | None = None,
+        maps_only: bool = False,
+        proposals: Proposals | None = None,
     ) -> torch.Tensor | tuple[Proposals, torch.Tensor]:
-        """``maps_only``: the head's raw maps (training); else ``(proposals, region tokens (B, K, D))``."""
-        maps = self.head(grid)
-        if maps_only:
-            return maps
-        mirrored = None if mirrored_grid is None else mirror_maps(self.head(mirrored_grid))
-        proposals = decode_proposals(maps, grid, self.num_proposals, self.num_labels, self.num_sites, mirrored)
+        """``maps_only``: the head's raw maps (training); else ``(proposals, region tokens (B, K, D))``, from the
+        grid or from ``proposals`` already made (a frozen detector's cache)."""
+        if proposals is None:
+            maps = self.head(grid)
+            if maps_only:
+                return maps
+            mirrored = None if mirrored_grid is None else mirror_maps(self.head(mirrored_grid))
+            proposals = decode_proposals(maps, grid, self.num_proposals, self.num_labels, self.num_sites, mirrored)
         summary = torch.cat(
             [
                 proposals.features,
@@ -156,9 +167,35 @@ class EVLFModel(EVLFPreTrainedModel):
         """The detection connector's top-K proposals and region tokens (flip-averaged if ``config.flip_average``)."""
         if not self.config.num_proposals:
             raise ValueError("this EVLF model has a grid pixel connector: it makes no region proposals")
+        cache = getattr(self, "_frozen_proposals", None)
+        if cache is None:
+            return self.pixel_connector(*self._grids(dense_pixel_values))
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in dense_pixel_values.cpu()]
+        missing = [n for n, key in enumerate(keys) if key not in cache]
+        if missing:
+            found, _ = self.pixel_connector(*self._grids(dense_pixel_values[missing]))
+            for row, n in enumerate(missing):
+                cache[keys[n]] = Proposals(*(getattr(found, f.name)[row].detach() for f in fields(Proposals)))
+        stacked = Proposals(*(torch.stack([getattr(cache[k], f.name) for k in keys]) for f in fields(Proposals)))
+        return self.pixel_connector(proposals=stacked)
+
+    def _grids(self, dense_pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         grid = self.pixel_grid(dense_pixel_values)
-        mirrored = self.pixel_grid(dense_pixel_values.flip(-1)) if self.config.flip_average else None
-        return self.pixel_connector(grid, mirrored)
+        return grid, self.pixel_grid(dense_pixel_values.flip(-1)) if self.config.flip_average else None
+
+    @contextlib.contextmanager
+    def frozen_detector(self) -> Iterator[None]:
+        """Reuse each image's proposals while the detector (pixel encoder + proposal head) is not training, as in
+        the later stages of a build: they are then a pure function of the image, and computing them is most of a
+        training step's time. Only the region-token MLP, which reads them, keeps training."""
+        head = [p for name, p in self.pixel_connector.named_parameters() if "head." in name]
+        if any(p.requires_grad for p in [*self.pixel_encoder.parameters(), *head]):
+            raise ValueError("the pixel encoder or proposal head is trainable: its proposals cannot be cached")
+        self._frozen_proposals: dict[bytes, Proposals] | None = {}
+        try:
+            yield
+        finally:
+            self._frozen_proposals = None
 
     def detection_loss(
         self,

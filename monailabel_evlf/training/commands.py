@@ -79,18 +79,39 @@ def sample_options_from_args(args: argparse.Namespace, backend: Any) -> Any:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from monailabel_evlf.inference import PipelineConfig
     from monailabel_evlf.training.evaluate import evaluate
     from monailabel_evlf.training.samples import load_samples
+    from monailabel_evlf.training.study_evaluation import evaluate_studies
 
     backend = load_backend_from_args(args)
     samples = load_samples(args.data, sample_options_from_args(args, backend))
     if args.limit:
         samples = samples[: args.limit]
     report = evaluate(backend, samples, batch_size=args.batch_size, consistency_variants=args.consistency)
-    paths = report.save(args.out, title=f"{Path(args.model).name} on {Path(args.data).name}")
+    paths = list(report.save(args.out, title=f"{Path(args.model).name} on {Path(args.data).name}").values())
     print(report.to_text())
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    if args.studies and (Path(args.data) / "ground_truth").is_dir():
+        studies = phantom_folder_studies(args.data)
+        study_report = evaluate_studies(backend, studies, PipelineConfig(window=args.window))
+        paths += list(study_report.save(args.out).values())
+        print(study_report.to_text())
+    print(f"\nwrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def phantom_folder_studies(folder: str | Path) -> list[tuple[Any, Any, dict[str, Any]]]:
+    """``(image, affine, ground truth)`` of every study in a phantom folder, read from its files."""
+    from monailabel_evlf.data.phantoms import GROUND_TRUTH_DIR, read_ground_truth
+    from monailabel_evlf.imaging.volume import load_volume
+
+    root = Path(folder)
+    studies = []
+    for path in sorted((root / GROUND_TRUTH_DIR).glob("*.json")):
+        truth = read_ground_truth(root, path.stem)
+        volume = load_volume(root / truth["files"]["image"])
+        studies.append((volume.array, volume.affine, truth))
+    return studies
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -146,6 +167,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--consistency", type=int, default=10, help="diagnosis prompt variants to compare (0: off)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
+    evaluate.add_argument(
+        "--no-studies",
+        dest="studies",
+        action="store_false",
+        help="skip the per-study 3D-box evaluation through the volume pipeline (phantom folders only)",
+    )
     evaluate.set_defaults(func=run_eval)
 
     train = subparsers.add_parser("train", help="SFT and/or GRPO an adapter, save it as a new version, gate + promote")

@@ -14,6 +14,7 @@ The lesion kinds / organs listed in the recipe are the only ones it sees.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -180,7 +181,9 @@ def build_demo_model(
     mark = time.perf_counter()
     for parameter in backend.peft_model.parameters():  # Stage 0(b) trains every other weight (module docstring)
         parameter.requires_grad_(id(parameter) not in frozen)
-    train_sft(backend, train, config.pretrain, callback=callback)
+    cache = backend.model.model.frozen_detector() if frozen else contextlib.nullcontext()
+    with cache:
+        train_sft(backend, train, config.pretrain, callback=callback)
     _save_merged(backend, work / "stage0")
     timings["stage0_s"] = time.perf_counter() - mark
 

@@ -301,24 +301,46 @@ def _vqa_samples(
     meta: dict[str, Any],
 ) -> list[TrainingSample]:
     """``options.vqa_per_slice`` questions drawn from the slice's ground-truth VQA set."""
-    from monailabel_evlf.data.vqa import item_truth, slice_questions
+    from monailabel_evlf.data.vqa import slice_questions
 
     items = slice_questions(ground_truth, rendered.axis, rendered.index, rng)
-    out = []
-    for n in rng.permutation(len(items))[: options.vqa_per_slice]:
-        item = items[int(n)]
-        out.append(
-            TrainingSample(
-                image=rendered.image,
-                prompt=prompts.vqa_prompt(options.modality, item.question, closed_options=item.options),
-                target=prompts.vqa_target(vqa_reasoning(ground_truth, item), item.answer),
-                task="vqa",
-                answer=item.answer,
-                options=list(item.options) if item.options else None,
-                source={**meta, **item_truth(ground_truth, item), "question": item.question},
-            )
-        )
-    return out
+    picked = [items[int(n)] for n in rng.permutation(len(items))[: options.vqa_per_slice]]
+    return [_vqa_sample(rendered, ground_truth, item, options, meta) for item in picked]
+
+
+def _vqa_sample(
+    rendered: RenderedSlice, ground_truth: dict[str, Any], item: Any, options: SampleOptions, meta: dict[str, Any]
+) -> TrainingSample:
+    from monailabel_evlf.data.vqa import item_truth
+    from monailabel_evlf.tasks import prompts
+
+    return TrainingSample(
+        image=rendered.image,
+        prompt=prompts.vqa_prompt(options.modality, item.question, closed_options=item.options),
+        target=prompts.vqa_target(vqa_reasoning(ground_truth, item), item.answer),
+        task="vqa",
+        answer=item.answer,
+        options=list(item.options) if item.options else None,
+        source={**meta, **item_truth(ground_truth, item), "question": item.question},
+    )
+
+
+def vqa_file_samples(
+    volume: Volume, ground_truth: dict[str, Any], items: Sequence[Any], options: SampleOptions, study_id: str
+) -> list[TrainingSample]:
+    """Every slice question of a study's written VQA set (``ground_truth/<study>_vqa.jsonl``) as a sample, on the
+    slice it asks about: what ``evlf eval --tasks vqa`` scores, so the numbers are those of the published set."""
+    by_slice: dict[tuple[int, int], list[Any]] = defaultdict(list)
+    for item in items:
+        if item.scope == "slice":
+            by_slice[(item.axis, item.index)].append(item)
+    samples = []
+    for axis in sorted({a for a, _ in by_slice}):
+        keys = sorted(k for a, k in by_slice if a == axis)
+        for rendered in render_slices(volume, keys, axis=axis, size=options.size, window=options.window):
+            meta = {"study_id": study_id, "axis": axis, "index": rendered.index}
+            samples += [_vqa_sample(rendered, ground_truth, i, options, meta) for i in by_slice[(axis, rendered.index)]]
+    return samples
 
 
 def phantom_samples(
@@ -352,20 +374,27 @@ def datastore_samples(
         study_ids = sorted(p.stem for p in (root / GROUND_TRUTH_DIR).glob("*.json"))
     if not study_ids:
         raise FileNotFoundError(f"no phantom ground truth under {root / GROUND_TRUTH_DIR}")
+    from monailabel_evlf.data.vqa import read_vqa, vqa_path
+
     samples = []
     for index, study_id in enumerate(study_ids):
         truth = read_ground_truth(root, study_id)
         volume = load_volume(root / truth["files"]["image"])
         volume.meta.setdefault("modality", truth.get("modality", "CT"))
-        samples += samples_for_volume(
-            volume,
-            lesion_findings(truth, options.detailed_reasoning),
-            _phantom_labels(options),
-            source={"study_id": study_id},
-            seed=index,
-            ground_truth=truth,
-            **kwargs,
-        )
+        study_options = options
+        if "vqa" in options.tasks and vqa_path(root, study_id).is_file():  # the written set, not a new draw
+            samples += vqa_file_samples(volume, truth, read_vqa(root, study_id), options, study_id)
+            study_options = replace(options, tasks=tuple(t for t in options.tasks if t != "vqa"))
+        if study_options.tasks:
+            samples += samples_for_volume(
+                volume,
+                lesion_findings(truth, options.detailed_reasoning),
+                _phantom_labels(study_options),
+                source={"study_id": study_id},
+                seed=index,
+                ground_truth=truth,
+                **kwargs,
+            )
     return samples
 
 

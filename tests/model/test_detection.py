@@ -127,3 +127,24 @@ def test_proposal_model_round_trips_through_save_pretrained(proposal_backend, tm
         a, _ = merged.model.propose(dense)
         b, _ = loaded.model.propose(dense)
     assert torch.allclose(a.boxes, b.boxes) and loaded.config.num_proposals == 2
+
+
+def test_frozen_detector_cache_gives_the_same_tokens_and_refuses_a_trainable_detector(proposal_backend):
+    model = proposal_backend.model.model
+    dense = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        direct = model.pixel_tokens(dense)
+    with pytest.raises(ValueError, match="trainable"):
+        with model.frozen_detector():
+            pass
+    trainable = [p for p in proposal_backend.detector_parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), model.frozen_detector():
+            first = model.pixel_tokens(dense[:2])
+            cached = model.pixel_tokens(dense)  # two rows from the cache, one new
+        assert torch.allclose(cached, direct, atol=1e-6) and torch.allclose(first, direct[:2], atol=1e-6)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
