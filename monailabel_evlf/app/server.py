@@ -324,7 +324,7 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
 
     def add_image(image: str | None, params: str, file: UploadFile) -> dict[str, Any]:
         suffix = volume_suffix(file.filename or "")
-        image_id = check_id(image or Path(file.filename or "").name[: -len(suffix)])
+        image_id = check_id(image or (file.filename or "")[: -len(suffix)])  # a file name with a path is refused
         info = parse_json_object(params, "params", limits)
         with upload_dir() as folder:
             path = _save_upload(file, folder, suffix, limits.max_upload_bytes)

@@ -81,6 +81,7 @@ def _start(studies: Path, outside: Path, tmp: Path, conf: dict[str, str]) -> Ser
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     base = {"backend": "tests.app.slow_backend:SlowBackend", "model": str(studies), "backend.delay": "0.1"}
+    base["adapters"] = str(tmp.parent / "adapters")
     for key, value in {**base, **conf}.items():
         cmd += ["--conf", key, value]
     env = {**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -601,3 +602,138 @@ def test_token_auth_with_3d_slicers_client(layout, tmp_path_factory, slicer_clie
         assert static.status_code == 200
     finally:
         _stop(server)
+
+
+BAD_IDS = ["../x", "../../etc/passwd", "/etc/passwd", "%2e%2e%2fx", "a" * 300, " ", ".", "..", "x/y", "x\\y", "-x"]
+# not a JSON object at all (refused everywhere), and objects asking for server-side keys (refused where params
+# drive work; image / label info is free-form metadata, so it only gets the first list)
+NOT_OBJECTS = ["{bad", "[1]", "1", '"s"', deep_json(5000).decode()]
+SERVER_KEYS = ['{"bundle_path": "/tmp"}', '{"image": "/etc/passwd"}', '{"_upload": true}', '{"slices": "all"}']
+BAD_TRAIN = [
+    {"bundle_path": "/tmp"},
+    {"steps": "many"},
+    {"steps": 0},
+    {"method": None},
+    {"label_tag": "../x"},
+    {"gate": []},
+    {"model": "x"},
+]
+
+
+def sweep_requests(url: str) -> list[tuple[str, Callable[[], requests.Response]]]:
+    """Endpoint x bad value: ids and tags that are paths or too long, params that are not JSON objects or ask
+    for server-side keys, train / scoring / strategy bodies of the wrong shape."""
+    calls: list[tuple[str, Callable[[], requests.Response]]] = []
+    tiny = nifti_bytes(np.zeros((4, 4, 4), np.int16))
+    for bad in BAD_IDS:
+        calls += [
+            (
+                f"infer image={bad[:20]}",
+                lambda b=bad: requests.post(f"{url}/infer/evlf_diagnosis", params={"image": b}),
+            ),
+            (
+                f"put image={bad[:20]}",
+                lambda b=bad: requests.put(
+                    f"{url}/datastore/image", params={"image": b}, files={"file": ("t.nii.gz", tiny)}
+                ),
+            ),
+            (f"get image={bad[:20]}", lambda b=bad: requests.get(f"{url}/datastore/image", params={"image": b})),
+            (f"head image={bad[:20]}", lambda b=bad: requests.head(f"{url}/datastore/image", params={"image": b})),
+            (f"delete image={bad[:20]}", lambda b=bad: requests.delete(f"{url}/datastore/image", params={"id": b})),
+            (f"image info={bad[:20]}", lambda b=bad: requests.get(f"{url}/datastore/image/info", params={"image": b})),
+            (
+                f"put label image={bad[:20]}",
+                lambda b=bad: requests.put(
+                    f"{url}/datastore/label", params={"image": b, "tag": "final"}, files={"label": ("l.json", b"{}")}
+                ),
+            ),
+            (
+                f"put label tag={bad[:20]}",
+                lambda b=bad: requests.put(
+                    f"{url}/datastore/label", params={"image": STUDY, "tag": b}, files={"label": ("l.json", b"{}")}
+                ),
+            ),
+            (
+                f"get label tag={bad[:20]}",
+                lambda b=bad: requests.get(f"{url}/datastore/label", params={"label": STUDY, "tag": b}),
+            ),
+            (
+                f"delete label tag={bad[:20]}",
+                lambda b=bad: requests.delete(f"{url}/datastore/label", params={"id": STUDY, "tag": b}),
+            ),
+            (
+                f"label info tag={bad[:20]}",
+                lambda b=bad: requests.put(
+                    f"{url}/datastore/label/info", params={"label": STUDY, "tag": b}, data={"info": "{}"}
+                ),
+            ),
+            (
+                f"upload name={bad[:20]}",
+                lambda b=bad: requests.put(f"{url}/datastore/image", files={"file": (f"{b}.nii.gz", tiny)}),
+            ),
+        ]
+    json_body = {"content-type": "application/json"}
+    for bad in NOT_OBJECTS + SERVER_KEYS:
+        for model in ("evlf_grounding", "evlf_diagnosis", "evlf_vqa"):
+            calls.append(
+                (
+                    f"infer {model} params={bad[:20]}",
+                    lambda b=bad, m=model: requests.post(
+                        f"{url}/infer/{m}", params={"image": STUDY}, data={"params": b}
+                    ),
+                )
+            )
+        for path in ("train/evlf_train", "scoring/evlf_disagreement", "activelearning/evlf_disagreement"):
+            calls.append(
+                (
+                    f"{path} body={bad[:20]}",
+                    lambda b=bad, p=path: requests.post(f"{url}/{p}", data=b, headers=json_body),
+                )
+            )
+    for bad in NOT_OBJECTS:
+        calls += [
+            (
+                f"put image params={bad[:20]}",
+                lambda b=bad: requests.put(
+                    f"{url}/datastore/image",
+                    params={"image": "sweep"},
+                    data={"params": b},
+                    files={"file": ("t.nii.gz", tiny)},
+                ),
+            ),
+            (
+                f"put label params={bad[:20]}",
+                lambda b=bad: requests.put(
+                    f"{url}/datastore/label",
+                    params={"image": STUDY},
+                    data={"params": b},
+                    files={"label": ("l.json", b"{}")},
+                ),
+            ),
+            (
+                f"image info={bad[:20]}",
+                lambda b=bad: requests.put(f"{url}/datastore/image/info", params={"image": STUDY}, data={"info": b}),
+            ),
+        ]
+    for body in BAD_TRAIN:
+        calls.append((f"train {body}", lambda b=body: requests.post(f"{url}/train/evlf_train", json=b)))
+        calls.append((f"train all {body}", lambda b=body: requests.post(f"{url}/train/", json={"evlf_train": b})))
+    for name in ("nope", "a" * 300, "..%2f..%2fx"):
+        for path in ("infer", "train", "scoring", "activelearning"):
+            calls.append((f"{path}/{name[:20]}", lambda p=path, n=name: requests.post(f"{url}/{p}/{n}")))
+    return calls
+
+
+def test_sweep_of_bad_requests_gets_no_5xx_and_writes_nothing(server):
+    before = snapshot(server.studies, server.outside)
+    temp_before = sorted(server.tmp.iterdir())
+    statuses: dict[str, int] = {}
+    for name, call in sweep_requests(server.url):
+        statuses[name] = call().status_code
+    server_errors = {name: status for name, status in statuses.items() if status >= 500}
+    accepted = {name: status for name, status in statuses.items() if status < 400}
+    print(f"sweep: {len(statuses)} requests, {len(server_errors)} 5xx, {len(accepted)} accepted")
+    assert not server_errors and not accepted, (server_errors, sorted(accepted))
+    assert snapshot(server.studies, server.outside) == before
+    time.sleep(0.1)
+    assert sorted(server.tmp.iterdir()) == temp_before
