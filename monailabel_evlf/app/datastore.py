@@ -143,6 +143,8 @@ class CheckedLocalDatastore(LocalDatastore):
         _set_aside_torn_index(Path(datastore_path) / kwargs.get("datastore_config", "datastore_v2.json"))
         super().__init__(datastore_path, *args, **kwargs)
         self._root = Path(datastore_path).resolve()
+        for stale in [*self._root.glob(".*.tmp"), *self._root.glob("labels/*/.*.tmp")]:
+            stale.unlink(missing_ok=True)  # write_atomic temp files a kill left behind; never renamed into place
 
     # -- reads: ids validated, unknown ids are 404 ------------------------------------------------------------
 

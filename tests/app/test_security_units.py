@@ -1,0 +1,232 @@
+"""The validators and the guard without a server: ids, JSON, volume headers (NRRD and NIfTI), auth and
+origin decisions, and kill -9 during atomic writes (label files and the datastore index)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jwt
+import nibabel as nib
+import numpy as np
+import pytest
+from fastapi import HTTPException
+
+from monailabel_evlf.app.config import parse_app_config
+from monailabel_evlf.app.datastore import CheckedLocalDatastore
+from monailabel_evlf.app.security import (
+    Limits,
+    check_id,
+    check_tag,
+    check_volume_file,
+    contained,
+    parse_json_object,
+    scrub,
+)
+from monailabel_evlf.app.server import Guard, TokenAuth
+from monailabel_evlf.data.phantoms import write_sample_dataset
+
+LIMITS = Limits(max_voxels=100_000)
+
+
+def status_of(call, *args) -> int:
+    with pytest.raises(HTTPException) as caught:
+        call(*args)
+    return caught.value.status_code
+
+
+@pytest.mark.parametrize(
+    "bad", ["../x", "/etc/passwd", "a/b", "..", ".hidden", "-x", "", "a" * 129, "x\x00y", "x y", 7, None]
+)
+def test_ids_that_are_paths_or_odd_are_refused(bad):
+    assert status_of(check_id, bad) == 422
+
+
+def test_ordinary_ids_and_tags_pass():
+    assert check_id("phantom_s7_000") == "phantom_s7_000"
+    assert check_id("1.2.840.113619.2.55") == "1.2.840.113619.2.55"  # DICOM UIDs
+    assert check_tag("final") == "final"
+    assert status_of(check_tag, "a.b") == 422
+
+
+def test_contained_follows_symlinks(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path)
+    assert contained(root, root / "a.nii.gz") == (root / "a.nii.gz").resolve()
+    assert status_of(contained, root, root / "link" / "x") == 422
+
+
+def test_json_objects_only_bounded_depth():
+    assert parse_json_object('{"a": [1, {"b": 2}]}', "params", LIMITS) == {"a": [1, {"b": 2}]}
+    assert parse_json_object("", "params", LIMITS) == {}
+    for text in ("[1]", "null", "{", "[" * 100_000 + "]" * 100_000, '{"a":' * 40 + "1" + "}" * 40):
+        assert status_of(parse_json_object, text, "params", LIMITS) == 422
+    assert status_of(parse_json_object, "{}" + " " * (LIMITS.max_json_bytes + 1), "params", LIMITS) == 413
+
+
+def test_scrub_removes_server_paths():
+    text = scrub(f"cannot read {sys.prefix}/lib/x.py and /tmp/evlf-upload-1/upload.nii.gz at http://h/a/b")
+    assert sys.prefix not in text and "/tmp/" not in text and "http://h/a/b" in text
+
+
+def nrrd(fields: str, data: bytes) -> bytes:
+    return f"NRRD0004\n{fields}\n\n".encode() + data
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "status", "says"),
+    [
+        ("ok.nrrd", nrrd("type: short\ndimension: 3\nsizes: 4 4 4\nencoding: raw", b"\0" * 128), None, ""),
+        (
+            "gz.nrrd",
+            nrrd("type: uchar\ndimension: 3\nsizes: 8 8 8\nencoding: gzip", gzip.compress(b"\1" * 512)),
+            None,
+            "",
+        ),
+        ("detached.nrrd", nrrd("type: short\nsizes: 4 4 4\ndata file: /etc/passwd", b""), 422, "data file"),
+        ("lower.nrrd", nrrd("type: short\nsizes: 4 4 4\ndatafile: x.raw", b""), 422, "data file"),
+        ("bomb.nrrd", nrrd("type: uchar\nsizes: 8 8 8\nencoding: gzip", gzip.compress(b"\0" * (8 << 20))), 422, "bomb"),
+        ("short.nrrd", nrrd("type: short\nsizes: 4 4 4\nencoding: raw", b"\0" * 100), 422, "truncated"),
+        ("huge.nrrd", nrrd("type: short\nsizes: 1000 1000 1000\nencoding: raw", b""), 413, "voxels"),
+        ("flat.nrrd", nrrd("type: short\nsizes: 4 4\nencoding: raw", b"\0" * 32), 422, "3D"),
+        ("bz.nrrd", nrrd("type: short\nsizes: 4 4 4\nencoding: bzip2", b"x"), 422, "encoding"),
+        ("nomagic.nrrd", b"hello\n\n", 422, "NRRD"),
+        ("script.py", b"print(1)", 422, "unsupported"),
+    ],
+)
+def test_volume_headers_are_checked_before_reading(tmp_path, name, content, status, says):
+    path = tmp_path / name
+    path.write_bytes(content)
+    if status is None:
+        check_volume_file(path, LIMITS)
+        return
+    with pytest.raises(HTTPException) as caught:
+        check_volume_file(path, LIMITS)
+    assert caught.value.status_code == status and says in caught.value.detail
+
+
+def test_nifti_honest_header_passes_and_lies_do_not(tmp_path):
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), np.eye(4)), good)
+    check_volume_file(good, LIMITS)
+    raw = gzip.decompress(good.read_bytes())
+    (tmp_path / "bomb.nii.gz").write_bytes(gzip.compress(raw + b"\0" * (4 << 20)))
+    assert status_of(check_volume_file, tmp_path / "bomb.nii.gz", LIMITS) == 422
+    (tmp_path / "cut.nii").write_bytes(raw[:-10])
+    assert status_of(check_volume_file, tmp_path / "cut.nii", LIMITS) == 422
+    big = tmp_path / "big.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((50, 50, 50), np.uint8), np.eye(4)), big)
+    assert status_of(check_volume_file, big, LIMITS) == 413
+
+
+# -- the guard's decisions -----------------------------------------------------------------------------------------
+
+
+def scope(path="/info/", method="GET", client="127.0.0.1", headers=(), server=("127.0.0.1", 8000)) -> dict:
+    given = dict(headers)
+    given.setdefault("host", f"{server[0]}:{server[1]}")
+    raw = [(k.lower().encode(), v.encode()) for k, v in given.items()]
+    return {"type": "http", "method": method, "path": path, "client": (client, 5555), "server": server, "headers": raw}
+
+
+def guard(**conf) -> Guard:
+    config = parse_app_config(conf)
+    auth = TokenAuth("s" * 20) if conf.get("auth_token_file") else None
+    return Guard(None, config, auth)
+
+
+def test_guard_serves_loopback_and_refuses_remote_clients_without_auth():
+    assert guard().check(scope()) is None
+    assert guard().check(scope(client="192.168.1.20"))[0] == 403
+    assert guard(auth_token_file="x").check(scope(client="192.168.1.20"))[0] == 401
+
+
+def test_guard_origin_and_host():
+    plain = guard()
+    assert plain.check(scope(headers=[("origin", "http://localhost:8000")])) is None
+    assert plain.check(scope(headers=[("origin", "http://localhost:9999")]))[0] == 403
+    assert plain.check(scope(headers=[("origin", "https://evil.example")]))[0] == 403
+    assert plain.check(scope(headers=[("host", "evil.example:8000")]))[0] == 403
+    configured = guard(cors_origins="https://ohif.hospital.example")
+    assert configured.check(scope(headers=[("origin", "https://ohif.hospital.example")])) is None
+
+
+def test_guard_logs_blocked_unless_enabled_and_body_caps():
+    assert guard().check(scope("/logs/"))[0] == 404
+    assert guard(logs_endpoint="true").check(scope("/logs/")) is None
+    big = scope("/datastore/image", "PUT", headers=[("content-length", str(5 << 30))])
+    assert guard().check(big)[0] == 413
+    chunked = scope("/datastore/image", "PUT", headers=[("transfer-encoding", "chunked")])
+    assert guard().check(chunked)[0] == 411
+
+
+def test_token_auth_issues_verifies_and_expires():
+    auth = TokenAuth("s" * 20)
+    assert auth.issue("reader", "wrong") is None
+    token = auth.issue("reader", "s" * 20)
+    assert auth.user(f"Bearer {token}") == "reader"
+    assert auth.user(f"Bearer {'s' * 20}") == "token"
+    assert auth.user(f"Basic {token}") is None and auth.user(None) is None
+    expired = jwt.encode({"sub": "reader", "exp": int(time.time()) - 10}, "s" * 20, algorithm="HS256")
+    assert auth.user(f"Bearer {expired}") is None
+    forged = jwt.encode({"sub": "admin", "exp": int(time.time()) + 60}, "other-secret-xxxxxxxx", algorithm="HS256")
+    assert auth.user(f"Bearer {forged}") is None
+    with pytest.raises(ValueError):
+        TokenAuth("short")
+    open_path = guard(auth_token_file="x")
+    assert open_path.check(scope("/auth/")) is None and open_path.check(scope("/auth/token", "POST")) is None
+    assert open_path.check(scope(headers=[("authorization", f"Bearer {token}")])) is None
+    assert open_path.check(scope())[0] == 401
+
+
+# -- kill -9 during writes -----------------------------------------------------------------------------------------
+
+# the datastore writes its index and labels through write_atomic; the child imports only that (monai takes ~5 s)
+WRITER = """
+import itertools, json, sys
+from monailabel_evlf.app.security import write_atomic
+label, index = sys.argv[1], sys.argv[2]
+base = json.loads(open(index).read())
+print("ready", flush=True)
+for n in itertools.count():
+    write_atomic(label, bytes([n % 2 + 65]) * (4 << 20))
+    write_atomic(index, json.dumps({**base, "pad": "x" * (n % 7) * 200000}).encode())
+"""
+
+
+def test_kill_minus_9_mid_write_leaves_whole_files_and_a_loadable_index(tmp_path):
+    studies = tmp_path / "studies"
+    write_sample_dataset(studies, n=1, seed=1, shape=(16, 16, 8))
+    CheckedLocalDatastore(str(studies), extensions=("*.nii.gz",))
+    label, index = studies / "labels" / "final" / "phantom_s1_000.json", studies / "datastore_v2.json"
+    for attempt in range(4):
+        process = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(label), str(index)], stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(0.3 + 0.17 * attempt)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        assert label.read_bytes() in (b"A" * (4 << 20), b"B" * (4 << 20)), f"torn label after kill {attempt}"
+        json.loads(index.read_text())
+    datastore = CheckedLocalDatastore(str(studies), extensions=("*.nii.gz",))
+    assert datastore.list_images() == ["phantom_s1_000"]
+    assert not list(studies.glob(".*.tmp")) and not list(studies.glob("labels/*/.*.tmp"))
+
+
+def test_a_torn_index_is_set_aside_and_rebuilt_from_the_files(tmp_path):
+    studies = tmp_path / "studies"
+    write_sample_dataset(studies, n=2, seed=1, shape=(16, 16, 8))
+    CheckedLocalDatastore(str(studies), extensions=("*.nii.gz",))
+    index = studies / "datastore_v2.json"
+    index.write_text(index.read_text()[:50])  # what an in-place write killed half-way leaves
+    datastore = CheckedLocalDatastore(str(studies), extensions=("*.nii.gz",))
+    assert sorted(datastore.list_images()) == ["phantom_s1_000", "phantom_s1_001"]
+    assert list(studies.glob("datastore_v2.json.torn-*"))
+    json.loads(index.read_text())
