@@ -193,6 +193,11 @@ def lesions_on_slice(ground_truth: dict[str, Any], axis: int, index: int) -> lis
     return [(lesion, extent) for _, _, lesion, extent in found]
 
 
+def _by_size(lesions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A study's lesions, most voxels first: the first is "the largest lesion" of study questions."""
+    return sorted(lesions, key=lambda lesion: (-lesion["voxel_count"], lesion["id"]))
+
+
 def _subject(lesion: dict[str, Any], others: Sequence[dict[str, Any]], name_kind: bool = True) -> str:
     if len(others) == 1:
         return "the lesion"
@@ -281,7 +286,7 @@ def slice_questions(ground_truth: dict[str, Any], axis: int, index: int, rng: np
 def study_questions(ground_truth: dict[str, Any], rng: np.random.Generator) -> list[VQAItem]:
     """Closed and open questions about a whole study (sizes are the lesions' diameters; position includes
     upper / lower), plus how many lesions one drawn organ holds."""
-    lesions = sorted(ground_truth["lesions"], key=lambda lesion: (-lesion["voxel_count"], lesion["id"]))
+    lesions = _by_size(ground_truth["lesions"])
     asker = _Asker(rng, "study", None, None)
     _ask(asker, ground_truth, lesions, lesions[0]["diameter_mm"] if lesions else None, tuple(_DIRECTIONS))
     organ = str(rng.choice(ORGANS))
@@ -306,24 +311,24 @@ def study_vqa(ground_truth: dict[str, Any], seed: Any, normal_slices: int = 3) -
 
 
 def item_truth(ground_truth: dict[str, Any], item: VQAItem) -> dict[str, Any]:
-    """What the slice or study of ``item`` shows, for evaluation groups and reasoning checks (the
-    ``TrainingSample.source`` keys ``evlf eval`` reads): ``organ`` (of the largest lesion there, ``None`` when
-    lesion-free), ``lesion_kind`` (``"normal"`` when lesion-free), ``size_bucket`` (``None`` when lesion-free),
-    ``question_type``, ``scope``, ``closed``."""
+    """The truth behind ``item`` for evaluation groups and reasoning checks (the ``TrainingSample.source`` keys
+    ``evlf eval`` reads): ``organ``, the host organ of the lesion the answer rests on (``lesion_ids[0]``), ``None``
+    when it rests on none (a lesion-free slice, or "Is there a lesion in the spleen?" "no" beside a liver cyst);
+    ``lesion_kind`` and ``size_bucket`` of that lesion, else of the largest lesion there (what the slice or study
+    shows; ``"normal"`` / ``None`` when lesion-free); ``question_type``, ``scope``, ``closed``."""
     if item.scope == "slice":
         found = lesions_on_slice(ground_truth, item.axis, item.index)
-        largest, size = found[0] if found else (None, None)
     else:
-        lesions = sorted(ground_truth["lesions"], key=lambda lesion: (-lesion["voxel_count"], lesion["id"]))
-        largest = lesions[0] if lesions else None
-        size = largest["diameter_mm"] if largest else None
+        found = [(lesion, lesion["diameter_mm"]) for lesion in _by_size(ground_truth["lesions"])]
+    about = [row for row in found if row[0]["id"] in item.lesion_ids[:1]]
+    lesion, size = (about or found or [(None, None)])[0]
     return {
         "question_type": item.question_type,
         "scope": item.scope,
         "closed": item.options is not None,
-        "organ": largest["organ"] if largest else None,
-        "lesion_kind": largest["label"] if largest else NORMAL_LABEL,
-        "size_bucket": size_bucket(size) if largest else None,
+        "organ": lesion["organ"] if about else None,
+        "lesion_kind": lesion["label"] if lesion else NORMAL_LABEL,
+        "size_bucket": size_bucket(size) if lesion else None,
     }
 
 

@@ -146,7 +146,8 @@ def _add_groups(
 
 
 def _is_lesion_free(sample: TrainingSample) -> bool:
-    return sample.source.get("organ") is None or sample.label == NORMAL_LABEL
+    """What the slice shows (``source["lesion_kind"]``, else the label), not what the question is about."""
+    return (sample.source.get("lesion_kind") or sample.label) == NORMAL_LABEL
 
 
 def _contradicts(prediction: Prediction) -> bool:
@@ -167,12 +168,12 @@ def _contradicts(prediction: Prediction) -> bool:
 
 
 def reasoning_rates(predictions: Sequence[Prediction]) -> dict[str, Estimate]:
-    """Whether the ``<think>`` text is true, over the predictions whose sample says what it shows: those with
-    ``source["organ"]`` (the true organ of the lesion asked about, ``None`` when lesion-free) and any labelled
-    ``"normal"``.
+    """Whether the ``<think>`` text is true, over the predictions whose sample says what it rests on: those with
+    ``source["organ"]`` (the host organ of the lesion the answer is about, ``None`` when about none) and the
+    lesion-free ones (``source["lesion_kind"]``, else ``label``, is ``"normal"``).
 
-    - ``organ_named_rate``: on lesion samples, the reasoning names the true organ (a kidney without its side
-      does not count: "kidney" is not "left kidney").
+    - ``organ_named_rate``: where ``source["organ"]`` names one, the reasoning names that organ (a kidney without
+      its side does not count: "kidney" is not "left kidney").
     - ``contradiction_rate``: on all of them, the reasoning names a lesion kind or organ other than the answer
       and its boxes do ("left kidney" against "right kidney"; "kidney" agrees with either), or (grounding,
       diagnosis) names a finding the answer does not have, or none for one it has.
@@ -180,8 +181,8 @@ def reasoning_rates(predictions: Sequence[Prediction]) -> dict[str, Estimate]:
       "mass", ...; "no focal lesion" is none).
     Rates with no sample to count are left out.
     """
-    cases = [p for p in predictions if "organ" in p.sample.source or p.sample.label == NORMAL_LABEL]
-    lesion = [p for p in cases if not _is_lesion_free(p.sample)]
+    cases = [p for p in predictions if "organ" in p.sample.source or _is_lesion_free(p.sample)]
+    lesion = [p for p in cases if p.sample.source.get("organ") is not None]
     free = [p for p in cases if _is_lesion_free(p.sample)]
     out = {}
     if lesion:

@@ -190,6 +190,23 @@ def test_item_truth_and_json_round_trip(truth):
     }
     free = slice_questions(truth, 2, 0, np.random.default_rng(0))[0]
     assert item_truth(truth, free)["organ"] is None and item_truth(truth, free)["lesion_kind"] == "normal"
+    # about the small hyperdense lesion beside the cyst: its organ, kind and size; about none: no organ, but the
+    # slice still shows the cyst
+    about_small = VQAItem("q", "yes", "presence", None, "slice", 2, 5, (2,))
+    assert item_truth(truth, about_small) | {"question_type": "-"} == {
+        "question_type": "-",
+        "scope": "slice",
+        "closed": False,
+        "organ": "liver",
+        "lesion_kind": "hyperdense lesion",
+        "size_bucket": "under 10 mm",
+    }
+    about_none = VQAItem("Is there a lesion in the spleen?", "no", "presence", ("yes", "no"), "slice", 2, 5, ())
+    assert item_truth(truth, about_none)["organ"] is None and item_truth(truth, about_none)["lesion_kind"] == "cyst"
+    study = VQAItem("q", "4", "count", None, "study", None, None, (4, 3, 1, 2))
+    assert (
+        item_truth(truth, study)["organ"] == "right kidney" and item_truth(truth, study)["size_bucket"] == "over 30 mm"
+    )
     with pytest.raises(ValueError, match="outside"):
         slice_questions(truth, 2, 12, np.random.default_rng(0))
 

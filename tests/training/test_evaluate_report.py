@@ -90,6 +90,14 @@ CASES = [
         {"organ": None, "question_type": "presence", "lesion_kind": "normal"},
         _answer("No focal lesion is seen.", "yes"),
     ),
+    (  # about no lesion on a slice with a cyst: neither a lesion sample nor a lesion-free one
+        "vqa",
+        None,
+        "no",
+        ["yes", "no"],
+        {"organ": None, "question_type": "presence", "lesion_kind": "cyst"},
+        _answer("No focal lesion in the spleen.", "no"),
+    ),
 ]
 
 
@@ -97,7 +105,7 @@ CASES = [
 def samples() -> list[TrainingSample]:
     out = []
     for number, (task, label, answer, options, source, _) in enumerate(CASES):
-        boxes = [Box2D(2, 2, 8, 8, label=label)] if label != "normal" else []
+        boxes = [Box2D(2, 2, 8, 8, label=label)] if task != "vqa" and label != "normal" else []
         out.append(
             TrainingSample(
                 image=_image(number),
@@ -126,7 +134,7 @@ def test_reasoning_rates_hand_counted(samples):
     # lesion samples 0, 1, 2, 3, 6, 7, 8: the true organ named in 0, 3, 6 ("kidney" alone is not "left kidney")
     assert rates["organ_named_rate"] == metrics.wilson(3, 7)
     # 2: hyperdense vs the cyst answer; 3: a cyst reasoned, "normal" answered; 7: left vs right kidney
-    assert rates["contradiction_rate"] == metrics.wilson(3, 10)
+    assert rates["contradiction_rate"] == metrics.wilson(3, 11)
     # lesion-free 4, 5, 9: only 5 names a finding
     assert rates["hallucination_rate"] == metrics.wilson(1, 3)
 
@@ -134,7 +142,7 @@ def test_reasoning_rates_hand_counted(samples):
 def test_reasoning_rates_need_the_truth_in_the_source(samples):
     for sample in samples:
         sample.source.pop("organ", None)
-    unknown = [p for p in _predictions(samples) if p.sample.label != "normal"]
+    unknown = [p for p in _predictions(samples) if p.sample.label not in ("normal", None)]
     assert reasoning_rates(unknown) == {}
 
 
@@ -177,15 +185,16 @@ def test_evaluate_reports_n_and_intervals_per_group(samples, tmp_path):
     assert details["grounding"]["all"]["all"]["acc@0.5"] == metrics.wilson(1, 1)
     assert details["vqa"]["question_type"]["organ"]["closed_accuracy"] == metrics.wilson(1, 1)
     assert details["vqa"]["question_type"]["organ"]["open_recall"].value == 1.0
-    assert details["vqa"]["question_type"]["presence"]["closed_accuracy"] == metrics.wilson(0, 1)
+    assert details["vqa"]["question_type"]["presence"]["closed_accuracy"] == metrics.wilson(1, 2)
+    assert details["vqa"]["lesion_kind"]["cyst"]["closed_accuracy"] == metrics.wilson(2, 2)
     assert details["vqa"]["size_bucket"]["10 to 20 mm"]["closed_accuracy"].n == 1
-    assert flat["closed_accuracy"] == 0.5 and flat["all_variants_agree"] == 1.0
+    assert flat["closed_accuracy"] == pytest.approx(2 / 3) and flat["all_variants_agree"] == 1.0
     assert set(details["consistency"]["variant"]) == {"0", "1", "2"}
-    assert details["reasoning"]["task"]["vqa"]["contradiction_rate"] == metrics.wilson(1, 3)
+    assert details["reasoning"]["task"]["vqa"]["contradiction_rate"] == metrics.wilson(1, 4)
     paths = report.save(tmp_path / "eval")
     saved = json.loads(paths["json"].read_text())
     assert saved["diagnosis"]["accuracy"] == flat["accuracy"]
-    assert saved["details"]["vqa"]["question_type"]["presence"]["closed_accuracy"]["n"] == 1
+    assert saved["details"]["vqa"]["question_type"]["presence"]["closed_accuracy"]["n"] == 2
     text = paths["text"].read_text()
     assert "by question_type" in text and "n=6" in text and "wilson" in text and "bootstrap" in text
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
