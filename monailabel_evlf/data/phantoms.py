@@ -33,7 +33,7 @@ from monailabel_evlf.imaging.geometry import (
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 LESION_KINDS: tuple[str, ...] = ("cyst", "hyperdense lesion", "ring-enhancing lesion")
 # organ_map value = index + 1
 ORGANS: tuple[str, ...] = ("liver", "spleen", "right kidney", "left kidney")
@@ -50,13 +50,16 @@ _MAX_PLACEMENT_TRIES = 60
 _TRIES_PER_DIAMETER = 10
 # a few voxels: a 6 mm lesion on a fine grid; on a coarse one the draw is repeated until it shows
 _MIN_LESION_VOXELS = 4
-# lesion diameter range (mm), drawn log-uniform so small lesions are common; kidneys are small hosts
+# lesion diameter range (mm), drawn uniformly; kidneys are small hosts. The lower end is also never under
+# _MIN_DIAMETER_VOXELS in-plane voxels: "a few voxels" is the smallest a reader (or a model) can see on a slice, and
+# a 6 mm lesion on a 4.5 mm grid would be one voxel (log-uniform 6 mm draws made half the lesions 1-4 px wide)
 _DIAMETER_MM = {
-    "liver": (6.0, 40.0),
-    "spleen": (6.0, 30.0),
-    "right kidney": (6.0, 26.0),
-    "left kidney": (6.0, 26.0),
+    "liver": (8.0, 40.0),
+    "spleen": (8.0, 30.0),
+    "right kidney": (8.0, 26.0),
+    "left kidney": (8.0, 26.0),
 }
+_MIN_DIAMETER_VOXELS = 2.5
 _N_LESIONS_P = (0.2, 0.3, 0.25, 0.15, 0.1)  # P(0), ..., P(4 lesions)
 _IN_PLANE_FOV_MM = (260.0, 440.0)
 _SLAB_MM = (140.0, 240.0)  # extent along k: 3.5-6 mm slices at the default 40
@@ -263,10 +266,13 @@ def _place_lesion(
     host_id = ORGANS.index(organ) + 1
     side = -1.0 if ORGAN_SIDES[organ] == "right" else 1.0
     grid = labelmap.shape
-    log_range = np.log(_DIAMETER_MM[organ])
+    smallest, largest = _DIAMETER_MM[organ]
+    smallest = min(
+        largest, max(smallest, _MIN_DIAMETER_VOXELS * float(affine_spacing_and_directions(affine)[0][:2].max()))
+    )
     for attempt in range(_MAX_PLACEMENT_TRIES):
         if attempt % _TRIES_PER_DIAMETER == 0:  # try several places before giving up on a size
-            diameter = float(np.exp(rng.uniform(*log_range)))
+            diameter = float(rng.uniform(smallest, largest))
         semi_axes = diameter / 2.0 * rng.uniform(0.8, 1.0, size=3)
         semi_axes[rng.integers(3)] = diameter / 2.0
         direction = rng.normal(size=3)

@@ -40,6 +40,13 @@ class EVLFDenseEncoderConfig(PreTrainedConfig):
             raise ValueError("EVLFDenseEncoderConfig needs 3 stage_channels, patch_size 2, image_size % 8 == 0")
 
 
+def init_conv(module: nn.Conv2d) -> None:
+    """He (Kaiming) init for a convolution followed by ReLU, zero bias."""
+    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 def _conv(inputs: int, outputs: int, *, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(inputs, outputs, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
@@ -69,6 +76,13 @@ class EVLFDenseEncoder(PreTrainedModel):
             nn.Conv2d(config.hidden_size, config.hidden_size, 1),
         )
         self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            init_conv(module)
+        else:
+            super()._init_weights(module)
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
         mid = self.stage2(self.stem(pixel_values))

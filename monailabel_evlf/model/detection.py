@@ -20,6 +20,9 @@ from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 
+CENTRE_PRIOR_LOGIT = -2.19  # CenterNet's prior: a cell is a centre with p = 0.1, so early losses stay sane
+
+
 @dataclass
 class DetectionTarget:
     """One image's true boxes (``(N, 4)`` fractions), finding-label and site indices (``-1``: unknown)."""
@@ -53,8 +56,9 @@ class DetectionHead(nn.Module):
         self.num_labels, self.num_sites = num_labels, num_sites
         self.trunk = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True))
         self.out = nn.Conv2d(channels, 1 + 4 + num_labels + num_sites + 1, 1)
-        with torch.no_grad():  # CenterNet's prior: few cells are centres
-            self.out.bias[0] = -2.19
+        self.out.centre_prior = True  # read by the model's weight init, which runs after this constructor
+        with torch.no_grad():
+            self.out.bias[0] = CENTRE_PRIOR_LOGIT
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return self.out(self.trunk(grid))
@@ -219,6 +223,7 @@ def box_numbers(boxes: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "CENTRE_PRIOR_LOGIT",
     "DetectionHead",
     "DetectionTarget",
     "Proposals",

@@ -26,9 +26,10 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from monailabel_evlf.model import dense_encoder  # noqa: F401 (registers the demo pixel encoder's auto classes)
 from monailabel_evlf.model.configuration_evlf import EVLFConfig
+from monailabel_evlf.model.dense_encoder import init_conv
 from monailabel_evlf.model.detection import (
+    CENTRE_PRIOR_LOGIT,
     DetectionHead,
     DetectionTarget,
     Proposals,
@@ -130,6 +131,18 @@ class EVLFPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]  # noqa: RUF012 (transformers API)
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The transformers default (normal, std 0.02) everywhere except the convolutional parts: He init for
+        convolutions (std 0.02 leaves a ReLU conv stack nearly silent; measured: a detector trained from it
+        reached top-1 Acc@0.5 0.20 where He init does far better) and CenterNet's centre prior (p = 0.1)."""
+        if isinstance(module, nn.Conv2d):
+            init_conv(module)
+            if getattr(module, "centre_prior", False):
+                module.bias[0] = CENTRE_PRIOR_LOGIT
+        else:
+            super()._init_weights(module)
 
 
 class EVLFModel(EVLFPreTrainedModel):

@@ -78,12 +78,15 @@ class DetectorConfig:
     max_grad_norm: float = 5.0
     flip: bool = True  # mirror half the images (their site term is off: left / right swap)
     intensity_jitter: float = 0.1  # gain and offset drawn from 1 +- j and +- j (fractions of full scale)
+    max_shift: float = 0.1  # translate by up to this fraction of the image (boxes kept inside)
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_positive(self, "steps", "batch_size", "learning_rate")
         if not 0 <= self.intensity_jitter < 1:
             raise ValueError(f"intensity_jitter must be in [0, 1), got {self.intensity_jitter}")
+        if not 0 <= self.max_shift < 0.5:
+            raise ValueError(f"max_shift must be in [0, 0.5), got {self.max_shift}")
 
 
 T = TypeVar("T")

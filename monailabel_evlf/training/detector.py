@@ -54,11 +54,14 @@ def detection_target(sample: TrainingSample, labels: Sequence[str], sites: Seque
 def _augment(
     image: np.ndarray, target: DetectionTarget, rng: np.random.Generator, config: DetectorConfig
 ) -> tuple[np.ndarray, DetectionTarget, bool]:
-    """Intensity gain / offset and, for half the images, a left-right mirror (boxes mirrored with it)."""
+    """Intensity gain / offset, a translation that keeps every box inside (the empty border reads as air) and,
+    for half the images, a left-right mirror (boxes mirrored with it)."""
     out = image.astype(np.float32) / 255.0
     if config.intensity_jitter:
         j = config.intensity_jitter
         out = out * rng.uniform(1 - j, 1 + j) + rng.uniform(-j, j)
+    if config.max_shift:
+        out, target = _translate(out, target, rng, config.max_shift)
     mirrored = bool(config.flip and rng.random() < 0.5)
     if mirrored:
         out = out[:, ::-1]
@@ -66,6 +69,30 @@ def _augment(
         boxes[:, [0, 2]] = 1.0 - target.boxes[:, [2, 0]]
         target = DetectionTarget(boxes, target.labels, target.sites)
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0)), target, mirrored
+
+
+def _translate(
+    image: np.ndarray, target: DetectionTarget, rng: np.random.Generator, max_shift: float
+) -> tuple[np.ndarray, DetectionTarget]:
+    height, width = image.shape[:2]
+    lo = target.boxes[:, :2].min(0).values.numpy() if len(target.boxes) else np.ones(2)
+    hi = target.boxes[:, 2:].max(0).values.numpy() if len(target.boxes) else np.zeros(2)
+    # whole pixels, within +-max_shift and never pushing a box over the edge
+    shift = [
+        int(
+            rng.integers(
+                int(np.ceil(max(-max_shift, -lo[n]) * size)), int(np.floor(min(max_shift, 1 - hi[n]) * size)) + 1
+            )
+        )
+        for n, size in enumerate((width, height))
+    ]
+    dx, dy = shift
+    moved = np.zeros_like(image)
+    src_x, dst_x = slice(max(0, -dx), min(width, width - dx)), slice(max(0, dx), min(width, width + dx))
+    src_y, dst_y = slice(max(0, -dy), min(height, height - dy)), slice(max(0, dy), min(height, height + dy))
+    moved[dst_y, dst_x] = image[src_y, src_x]
+    boxes = target.boxes + torch.tensor([dx / width, dy / height, dx / width, dy / height])
+    return moved, DetectionTarget(boxes.clamp(0.0, 1.0), target.labels, target.sites)
 
 
 def train_detector(

@@ -111,3 +111,21 @@ def test_detector_stage_refuses_a_grid_model(tmp_path):
     build_tiny_evlf(tmp_path, image_size=32, hidden_size=32, num_layers=1, pixel_pool=1)
     with pytest.raises(ValueError, match="detection connector"):
         train_detector(EVLFBackend.from_pretrained(str(tmp_path)), _square_samples(2, 0), DetectorConfig(steps=1))
+
+
+def test_translation_moves_boxes_with_the_image_and_keeps_them_inside():
+    import torch
+
+    from monailabel_evlf.model.detection import DetectionTarget
+    from monailabel_evlf.training.detector import _translate
+
+    image = np.zeros((20, 20, 3), np.float32)
+    image[5:8, 10:14] = 1.0
+    target = DetectionTarget(torch.tensor([[10 / 20, 5 / 20, 14 / 20, 8 / 20]]), torch.tensor([0]), torch.tensor([0]))
+    shifts = set()
+    for seed in range(40):
+        moved, shifted = _translate(image, target, np.random.default_rng(seed), 0.3)
+        ys, xs = np.nonzero(moved[..., 0])
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == (shifted.boxes[0] * 20).round().int().tolist()
+        shifts.add((int(xs.min()), int(ys.min())))
+    assert len(shifts) > 10  # it really moves
