@@ -38,7 +38,7 @@ _NRRD_SIZES = {
 }
 _NRRD_TYPES = {name.strip(): size for size, names in _NRRD_SIZES.items() for name in names.split(",")}
 _CHUNK = 1 << 20
-TRAIN_PARAMS = ("gate", "label_tag", "method", "steps")
+TRAIN_PARAMS = ("client_id", "gate", "label_tag", "method", "steps")  # 3D Slicer adds client_id
 # absolute POSIX paths of two or more components, as readers and tracebacks print them
 _PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+@~-]+/)+[\w.+@~-]*")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -303,19 +303,19 @@ def write_atomic(destination: str | os.PathLike[str], data: bytes | None = None,
 
 
 def check_train_params(params: dict[str, Any], config: Any, limits: Limits) -> dict[str, Any]:
-    """The train request a client may send: method, steps, label_tag, gate; 422 for anything else."""
-    allowed = {"method", "steps", "label_tag", "gate"}
-    unknown = sorted(set(params) - allowed)
+    """The train request a client may send (:data:`TRAIN_PARAMS`); 422 for anything else, before the child starts."""
+    unknown = sorted(set(params) - set(TRAIN_PARAMS))
     if unknown:
-        raise refuse(
-            422, f"unknown train parameter(s) {', '.join(map(repr, unknown))}; use {', '.join(sorted(allowed))}"
-        )
+        names = ", ".join(map(repr, unknown))
+        raise refuse(422, f"unknown train parameter(s) {names}; use {', '.join(TRAIN_PARAMS)}")
     if params.get("method", config.train_method) not in ("grpo", "sft"):
         raise refuse(422, f"'method' must be 'grpo' or 'sft', got {params['method']!r}")
     steps = params.get("steps", config.train_steps)
     if type(steps) is not int or not 1 <= steps <= limits.max_train_steps:
         raise refuse(422, f"'steps' must be an integer in 1..{limits.max_train_steps} (--conf max_train_steps)")
     check_tag(params.get("label_tag", "final"))
+    if not isinstance(params.get("client_id") or "", str):
+        raise refuse(422, "'client_id' must be a string")
     if "gate" in params:
         parse_bool(params["gate"], "gate")
     return params

@@ -409,9 +409,9 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
             names = ", ".join(sorted(instance._scoring_methods))
             raise refuse(404, f"unknown scoring method {method[:80]!r}; available: {names}")
         params = check_json_object(params or {}, "params", limits)
-        unknown = sorted(set(params) - {"label_tag"})
+        unknown = sorted(set(params) - {"label_tag", "client_id"})
         if unknown:
-            raise refuse(422, f"unknown scoring parameter(s) {', '.join(map(repr, unknown))}; use 'label_tag'")
+            raise refuse(422, f"unknown scoring parameter(s) {', '.join(map(repr, unknown))}; use label_tag, client_id")
         if "label_tag" in params:
             check_tag(params["label_tag"])
         return params

@@ -18,7 +18,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from monailabel_evlf.app.config import AppConfig
-from monailabel_evlf.app.security import check_train_params, parse_bool
+from monailabel_evlf.app.security import TRAIN_PARAMS, check_train_params, parse_bool
 
 if TYPE_CHECKING:
     from monailabel_evlf.app.serving import ServedModel
@@ -102,7 +102,7 @@ class EVLFTrainTask(TrainTask):
 
         started = time.perf_counter()
         # the server's route checked these before answering; checked again because this child trusts no one
-        client = {k: request[k] for k in ("method", "steps", "label_tag", "gate") if k in request}
+        client = {k: request[k] for k in TRAIN_PARAMS if k in request}
         check_train_params(client, self.app_config, self.app_config.limits)
         method = request.get("method", self.app_config.train_method)
         steps = int(request.get("steps", self.app_config.train_steps))
