@@ -179,8 +179,9 @@ def build_demo_model(
         frozen = {id(p) for p in backend.detector_parameters()}
         timings["detector_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    for parameter in backend.peft_model.parameters():  # Stage 0(b) trains every other weight (module docstring)
-        parameter.requires_grad_(id(parameter) not in frozen)
+    # Stage 0(b) trains every other weight (module docstring); peft's unused copies of the originals stay frozen
+    for name, parameter in backend.peft_model.named_parameters():
+        parameter.requires_grad_(id(parameter) not in frozen and "original_module" not in name)
     cache = backend.model.model.frozen_detector() if frozen else contextlib.nullcontext()
     with cache:
         train_sft(backend, train, config.pretrain, callback=callback)
