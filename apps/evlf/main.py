@@ -11,10 +11,20 @@ import logging
 import os
 import sys
 
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
 
 import monailabel_evlf
+from monailabel_evlf.app.activelearning import DisagreementScoring, DisagreementStrategy
 from monailabel_evlf.app.config import ConfigError, parse_app_config
+from monailabel_evlf.app.datastore import CheckedLocalDatastore, check_infer_request
+from monailabel_evlf.app.dicomweb import dicomweb_datastore
+from monailabel_evlf.app.infer import DiagnosisTask, GroundingTask, VQATask
+from monailabel_evlf.app.server import install
+from monailabel_evlf.app.serving import ServedModel
+from monailabel_evlf.app.train import EVLFTrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +44,6 @@ class EVLFApp(MONAILabelApp):
             self.evlf_config = parse_app_config(conf)
         except ConfigError as exc:
             _stop(f"EVLF app cannot start: {exc}")
-        from monailabel_evlf.app.serving import ServedModel
 
         adapters = self.evlf_config.adapters or os.path.join(app_dir, "model", "adapters")
         try:
@@ -50,8 +59,6 @@ class EVLFApp(MONAILabelApp):
             version=monailabel_evlf.__version__,
         )
         self._auto_update_scoring = self.evlf_config.auto_scoring
-        from monailabel_evlf.app.server import install
-
         try:
             install(self, self.evlf_config)
         except (ValueError, OSError) as exc:
@@ -59,13 +66,7 @@ class EVLFApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            from monailabel_evlf.app.dicomweb import dicomweb_datastore
-
             return dicomweb_datastore(self.studies)
-        from monailabel.config import settings
-
-        from monailabel_evlf.app.datastore import CheckedLocalDatastore
-
         return CheckedLocalDatastore(
             self.studies,
             targets=self.evlf_config.targets,
@@ -76,8 +77,6 @@ class EVLFApp(MONAILabelApp):
         )
 
     def init_infers(self):
-        from monailabel_evlf.app.infer import DiagnosisTask, GroundingTask, VQATask
-
         config = self.evlf_config
         return {
             "evlf_grounding": GroundingTask(self.served, config, datastore=self.datastore()),
@@ -86,25 +85,14 @@ class EVLFApp(MONAILabelApp):
         }
 
     def init_trainers(self):
-        from monailabel_evlf.app.train import EVLFTrainTask
-
         return {"evlf_train": EVLFTrainTask(self.served, self.evlf_config)}
 
     def init_strategies(self):
-        from monailabel.tasks.activelearning.first import First
-        from monailabel.tasks.activelearning.random import Random
-
-        from monailabel_evlf.app.activelearning import DisagreementStrategy
-
         return {"evlf_disagreement": DisagreementStrategy(), "random": Random(), "first": First()}
 
     def init_scoring_methods(self):
-        from monailabel_evlf.app.activelearning import DisagreementScoring
-
         return {"evlf_disagreement": DisagreementScoring(self.served, self.evlf_config.samples)}
 
     def infer(self, request, datastore=None):
-        from monailabel_evlf.app.datastore import check_infer_request
-
         check_infer_request(request, self._infers, datastore or self.datastore())
         return super().infer(request, datastore)

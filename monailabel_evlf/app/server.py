@@ -34,6 +34,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from monailabel_evlf.app.config import AppConfig
+from monailabel_evlf.app.datastore import label_suffix
 from monailabel_evlf.app.security import (
     check_id,
     check_json_object,
@@ -356,8 +357,6 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
         label: UploadFile = File(...),
         user: User = Depends(annotator_role),
     ):
-        from monailabel_evlf.app.datastore import label_suffix
-
         check_id(image)
         tag = check_tag(tag or "final")
         info = parse_json_object(params, "params", limits)
