@@ -118,10 +118,10 @@ def check_label_file(
             modality = pydicom.dcmread(label_path, stop_before_pixels=True).get("Modality")
         except Exception:  # pydicom raises several error types on truncated files
             raise refuse(422, "unreadable DICOM label") from None
+        if not os.path.isdir(image_path):  # before the modality: no DICOM object is usable on a volume-file study
+            raise refuse(422, "a DICOM SR / SEG label needs a DICOM study; this image is a volume file")
         if modality not in ("SR", "SEG"):
             raise refuse(422, f"a DICOM label must be an SR or SEG, got modality {modality!r}")
-        if not os.path.isdir(image_path):
-            raise refuse(422, "a DICOM SR / SEG label needs a DICOM study; this image is a volume file")
         return
     image = load_volume(image_path) if image_path and os.path.isfile(image_path) else None
     if suffix in MARKUPS_SUFFIXES:
