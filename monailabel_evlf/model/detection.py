@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
-
 CENTRE_PRIOR_LOGIT = -2.19  # CenterNet's prior: a cell is a centre with p = 0.1, so early losses stay sane
 
 

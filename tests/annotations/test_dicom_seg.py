@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from monailabel_evlf.imaging.geometry import VoxelBox
 
 from monailabel_evlf.annotations.dicom_common import order_slices
 from monailabel_evlf.annotations.dicom_seg import read_segmentation_boxes, write_segmentation
+from monailabel_evlf.imaging.geometry import VoxelBox
 
 
 def _vbox(lo, hi, label) -> VoxelBox:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from monailabel_evlf.imaging.geometry import VoxelBox
 
 from monailabel_evlf.annotations.labelmaps import (
     boxes_to_labelmap,
@@ -18,6 +17,7 @@ from monailabel_evlf.annotations.labelmaps import (
     load_labelmap,
     save_labelmap,
 )
+from monailabel_evlf.imaging.geometry import VoxelBox
 
 
 def _vbox(lo, hi, label="cyst") -> VoxelBox:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from monailabel_evlf.imaging.geometry import WorldBox
 from scipy.spatial.transform import Rotation
 
 from monailabel_evlf.annotations.slicer_markups import read_roi_markups, validate_markups, write_roi_markups
+from monailabel_evlf.imaging.geometry import WorldBox
 
 REFERENCE_SCHEMA = Path("/work/shared/reference/slicer-markups-schema-v1.0.3.json")
 PACKAGED_SCHEMA = Path(__file__).parents[2] / "monailabel_evlf" / "resources" / "slicer-markups-schema-v1.0.3.json"

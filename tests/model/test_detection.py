@@ -134,9 +134,8 @@ def test_frozen_detector_cache_gives_the_same_tokens_and_refuses_a_trainable_det
     dense = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         direct = model.pixel_tokens(dense)
-    with pytest.raises(ValueError, match="trainable"):
-        with model.frozen_detector():
-            pass
+    with pytest.raises(ValueError, match="trainable"), model.frozen_detector():
+        pass
     trainable = [p for p in proposal_backend.detector_parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
