@@ -25,6 +25,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import requests
 
@@ -170,6 +171,21 @@ def markups_bytes(server: Server, center_shift: float = 0.0, size: float = 10.0,
         path = Path(folder) / "label.json"
         write_roi_markups([box], path)
         return path.read_bytes()
+
+
+def sr_bytes() -> bytes:
+    """A minimal, readable DICOM SR (modality SR), enough to reach the study-type check."""
+    dataset = pydicom.Dataset()
+    dataset.Modality = "SR"
+    dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    dataset.SOPInstanceUID = pydicom.uid.generate_uid()
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, write_like_original=False)
+    return buffer.getvalue()
 
 
 def deep_json(depth: int) -> bytes:
@@ -423,7 +439,7 @@ CASES: list[Case] = [
     ("ROI unknown finding", lambda s: put_label(s, markups_bytes(s, label="R_1")), 422, "finding label"),
     (
         "SR label on NIfTI study",
-        lambda s: put_label(s, b"\0" * 128 + b"DICM" + b"\0" * 64, "sr.dcm"),
+        lambda s: put_label(s, sr_bytes(), "sr.dcm"),
         422,
         "dicom study",
     ),
