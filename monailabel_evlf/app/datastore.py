@@ -37,8 +37,8 @@ from monailabel_evlf.app.security import (
     refuse,
     truth,
     volume_suffix,
-    write_atomic,
 )
+from monailabel_evlf.atomic import write_atomic
 from monailabel_evlf.imaging.geometry import world_box_to_voxel
 from monailabel_evlf.imaging.volume import load_volume
 

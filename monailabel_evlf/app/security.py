@@ -282,26 +282,6 @@ def upload_dir() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_atomic(destination: str | os.PathLike[str], data: bytes | None = None, source: str | None = None) -> None:
-    """Write ``data`` (or a copy of ``source``) to ``destination`` via a temp file and rename, so a kill leaves
-    either the old file or the new one, never half of one."""
-    destination = Path(destination)
-    handle, temp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            if source is not None:
-                with open(source, "rb") as src:
-                    shutil.copyfileobj(src, out, _CHUNK)
-            else:
-                out.write(data or b"")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, destination)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def check_train_params(params: dict[str, Any], config: Any, limits: Limits) -> dict[str, Any]:
     """The train request a client may send (:data:`TRAIN_PARAMS`); 422 for anything else, before the child starts."""
     unknown = sorted(set(params) - set(TRAIN_PARAMS))

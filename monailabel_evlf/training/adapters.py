@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from monailabel_evlf.atomic import write_atomic
+
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
@@ -68,20 +70,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new content, never a partial one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def passes_gate(
@@ -155,7 +143,7 @@ class AdapterRegistry:
                 "config": dict(config or {}),
                 "files": files,
             }
-            _write_atomic(tmp / META_FILE, json.dumps(meta, indent=2, default=str))
+            write_atomic(tmp / META_FILE, json.dumps(meta, indent=2, default=str).encode())
             return self._rename_into_place(tmp, meta)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -183,7 +171,7 @@ class AdapterRegistry:
         """Record held-out metrics measured after saving (meta.json replaced atomically)."""
         meta = dict(version.meta)
         meta["metrics"] = {**meta.get("metrics", {}), **{k: float(v) for k, v in metrics.items()}}
-        _write_atomic(version.path / META_FILE, json.dumps(meta, indent=2, default=str))
+        write_atomic(version.path / META_FILE, json.dumps(meta, indent=2, default=str).encode())
         return AdapterVersion(version.model_name, version.version, version.path, meta)
 
     def promoted(self) -> AdapterVersion | None:
@@ -233,7 +221,7 @@ class AdapterRegistry:
                     return False
             elif metric not in version.metrics:
                 raise ValueError(f"candidate {version.name} has no metric {metric!r}")
-        _write_atomic(self.directory / PROMOTED_FILE, version.name + "\n")
+        write_atomic(self.directory / PROMOTED_FILE, (version.name + "\n").encode())
         logger.info("promoted adapter %s/%s", self.model_name, version.name)
         return True
 

@@ -29,11 +29,11 @@ logger = logging.getLogger(__name__)
 
 
 def unique_slices(samples: Sequence[TrainingSample]) -> list[TrainingSample]:
-    """One sample per rendered slice (the one listing every box on it): the detector's training images."""
-    best: dict[tuple, TrainingSample] = {}
+    """One sample per rendered slice (the one listing every box on it): the detector's training images. The
+    samples of one slice share its rendered image array, so the array's identity is the slice's."""
+    best: dict[int, TrainingSample] = {}
     for sample in samples:
-        key = (sample.source.get("study_id"), sample.source.get("axis"), sample.source.get("index"), id(sample.image))
-        key = key if key[0] is not None else (id(sample.image),)
+        key = id(sample.image)
         if key not in best or len(sample.boxes) > len(best[key].boxes):
             best[key] = sample
     return list(best.values())

@@ -190,7 +190,7 @@ def test_token_auth_issues_verifies_and_expires():
 # the datastore writes its index and labels through write_atomic; the child imports only that (monai takes ~5 s)
 WRITER = """
 import itertools, json, sys
-from monailabel_evlf.app.security import write_atomic
+from monailabel_evlf.atomic import write_atomic
 label, index = sys.argv[1], sys.argv[2]
 base = json.loads(open(index).read())
 print("ready", flush=True)
