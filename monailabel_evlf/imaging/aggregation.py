@@ -52,14 +52,16 @@ def link_slice_detections(
 ) -> list[VoxelBox]:
     """3D boxes from one-slice-thick detections (``slicing.slice_box_to_voxel_box`` output) along ``axis``.
 
-    Per label, slices are visited in order; a detection joins the track whose latest box lies at most
-    ``max_gap`` skipped slices before it with the highest in-plane IoU >= ``iou_threshold`` (each track takes one
-    detection per slice), else it starts a new track. A track becomes a box spanning its first to last slice
-    (gaps included); its in-plane extent is the ``"union"`` of member boxes (the lesion's largest cross-section,
-    what a ground-truth 3D box is) or the member-wise ``"median"`` (robust to one stray box). Its score is the mean
-    of member scores (a missing score counts as 1.0), so a track the model kept seeing with confidence ranks
-    first. Tracks with fewer than ``min_slices`` detections are dropped (``min_slices=1`` keeps them); finally
-    3D non-maximum suppression removes boxes of the same label overlapping a better one by IoU > ``nms_threshold``.
+    Slices are visited in order; a detection joins the track whose latest box lies at most ``max_gap`` skipped
+    slices before it with the highest in-plane IoU >= ``iou_threshold`` (each track takes one detection per slice),
+    else it starts a new track. Labels do not split tracks: a lesion is one finding even where the model names its
+    kind differently on some slices, and the track's label is the score-weighted vote of its members. A track
+    becomes a box spanning its first to last slice (gaps included); its in-plane extent is the ``"union"`` of member
+    boxes (the lesion's largest cross-section, what a ground-truth 3D box is) or the member-wise ``"median"``
+    (robust to one stray box). Its score is the mean of member scores (a missing score counts as 1.0), so a track
+    the model kept seeing with confidence ranks first. Tracks with fewer than ``min_slices`` detections are dropped
+    (``min_slices=1`` keeps them); finally 3D non-maximum suppression removes boxes overlapping a better one by IoU
+    > ``nms_threshold``.
     """
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
@@ -68,16 +70,11 @@ def link_slice_detections(
     if extent not in ("union", "median"):
         raise ValueError(f"extent must be 'union' or 'median', got {extent!r}")
     plane_axes = tuple(n for n in range(3) if n != axis)
-    by_label: dict[str | None, list[VoxelBox]] = {}
-    for box in detections:
-        _slice_index(box, axis)
-        by_label.setdefault(box.label, []).append(box)
-    boxes: list[VoxelBox] = []
-    for label, members in by_label.items():
-        tracks = _link(members, axis, plane_axes, iou_threshold, max_gap)
-        linked = [_track_box(t, axis, plane_axes, extent, label) for t in tracks if len(t.members) >= min_slices]
-        boxes.extend(_nms(linked, nms_threshold))
-    return sorted(boxes, key=lambda b: -_score(b))
+    if not detections:
+        return []
+    tracks = _link(list(detections), axis, plane_axes, iou_threshold, max_gap)
+    linked = [_track_box(t, axis, plane_axes, extent) for t in tracks if len(t.members) >= min_slices]
+    return sorted(_nms(linked, nms_threshold), key=lambda b: -_score(b))
 
 
 def _link(
@@ -106,7 +103,7 @@ def _link(
     return tracks
 
 
-def _track_box(track: _Track, axis: int, plane_axes: tuple[int, int], extent: str, label: str | None) -> VoxelBox:
+def _track_box(track: _Track, axis: int, plane_axes: tuple[int, int], extent: str) -> VoxelBox:
     planes = np.stack([_plane(b, plane_axes) for b in track.members])
     if extent == "union":
         plane = np.concatenate([planes[:, :2].min(axis=0), planes[:, 2:].max(axis=0)])
@@ -118,6 +115,10 @@ def _track_box(track: _Track, axis: int, plane_axes: tuple[int, int], extent: st
     slices = [_slice_index(m, axis) for m in track.members]
     lo[axis], hi[axis] = min(slices), max(slices) + 1
     score = float(np.mean([_score(m) for m in track.members]))
+    votes: dict[str | None, float] = {}
+    for member in track.members:
+        votes[member.label] = votes.get(member.label, 0.0) + _score(member)
+    label = max(votes, key=lambda name: (votes[name], name is not None))
     return VoxelBox(lo=lo, hi=hi, label=label, score=score)
 
 

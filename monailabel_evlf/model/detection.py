@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +49,7 @@ class Proposals:
 
 
 class DetectionHead(nn.Module):
-    """Per grid cell: centre logit, (dx, dy, log w, log h), finding-label and site logits, IoU-quality logit."""
+    """Per grid cell: centre logit, four log edge distances, finding-label and site logits, IoU-quality logit."""
 
     def __init__(self, channels: int, num_labels: int, num_sites: int) -> None:
         super().__init__()
@@ -64,12 +65,15 @@ class DetectionHead(nn.Module):
 
 
 def split_maps(maps: torch.Tensor, num_labels: int, num_sites: int) -> dict[str, torch.Tensor]:
-    """The head's output channels by meaning (a function, so callers need only the class counts)."""
+    """The head's output channels by meaning (a function, so callers need only the class counts).
+
+    ``log_edges``: log distances, in grid cells, from the cell's centre to the box's left, top, right and bottom
+    edges (FCOS / TTFNet), so every cell inside a box can regress it, not only the one at its centre.
+    """
     n_l, n_s = num_labels, num_sites
     return {
         "centre": maps[:, 0],
-        "offset": torch.sigmoid(maps[:, 1:3]),
-        "log_size": maps[:, 3:5],
+        "log_edges": maps[:, 1:5],
         "label": maps[:, 5 : 5 + n_l],
         "site": maps[:, 5 + n_l : 5 + n_l + n_s],
         "quality": maps[:, 5 + n_l + n_s],
@@ -78,19 +82,42 @@ def split_maps(maps: torch.Tensor, num_labels: int, num_sites: int) -> dict[str,
 
 def _gaussian_heatmap(target: DetectionTarget, side: int) -> torch.Tensor:
     """Centre targets: a Gaussian per box, peak 1 at its centre cell, spread with its size (max over boxes)."""
-    heat = torch.zeros(side, side)
-    if not len(target.boxes):
-        return heat
-    ys, xs = torch.meshgrid(
-        torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij"
-    )
-    for box in target.boxes * side:
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        ix, iy = int(cx.clamp(0, side - 1)), int(cy.clamp(0, side - 1))
-        sigma = max(0.6, 0.15 * float(((box[2] - box[0]) * (box[3] - box[1])).clamp(min=1e-6).sqrt()))
-        heat = torch.maximum(heat, torch.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma**2)))
+    heat = np.zeros((side, side))
+    ys, xs = np.mgrid[0:side, 0:side]
+    for x1, y1, x2, y2 in target.boxes.numpy() * side:
+        ix, iy = int(np.clip((x1 + x2) / 2, 0, side - 1)), int(np.clip((y1 + y2) / 2, 0, side - 1))
+        sigma = max(0.6, 0.15 * float(np.sqrt(max((x2 - x1) * (y2 - y1), 1e-6))))
+        heat = np.maximum(heat, np.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma**2)))
         heat[iy, ix] = 1.0
-    return heat
+    return torch.from_numpy(heat).float()
+
+
+def _regression_targets(targets: list[DetectionTarget], side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense box-regression targets: per cell a weight and the box it regresses (``(B, H, W)``, ``(B, 4, H, W)``).
+
+    Every cell whose centre lies inside a box regresses it, weighted by a Gaussian of the box's own shape
+    (sigma = side / 6 per axis, TTFNet) and normalised so that each box counts once: large boxes train from many
+    cells, small ones from the few they cover, and the centre cell always counts. Where boxes overlap, a cell
+    regresses the one it weighs most. Dense maps, because indexing a few thousand cells costs more on the CPU than
+    the detector's convolutions.
+    """
+    weight = np.zeros((len(targets), side, side))
+    truth = np.zeros((len(targets), 4, side, side))
+    centres = np.arange(side) + 0.5
+    for n, target in enumerate(targets):
+        for box in target.boxes.numpy().astype(np.float64):
+            x1, y1, x2, y2 = box * side
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            sx, sy = max(0.5, (x2 - x1) / 6), max(0.5, (y2 - y1) / 6)
+            gx = np.where((centres > x1) & (centres < x2), np.exp(-((centres - cx) ** 2) / (2 * sx**2)), 0.0)
+            gy = np.where((centres > y1) & (centres < y2), np.exp(-((centres - cy) ** 2) / (2 * sy**2)), 0.0)
+            w = gy[:, None] * gx[None, :]
+            w[int(np.clip(cy, 0, side - 1)), int(np.clip(cx, 0, side - 1))] = 1.0
+            w /= w.sum()
+            better = w > weight[n]
+            weight[n][better] = w[better]
+            truth[n][:, better] = box[:, None]
+    return torch.from_numpy(weight).float(), torch.from_numpy(truth).float()
 
 
 def detection_loss(
@@ -100,7 +127,8 @@ def detection_loss(
     num_sites: int,
     site_weight_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """CenterNet focal loss on the centres, L1 + GIoU on the boxes, cross-entropy on labels / sites, BCE on quality.
+    """CenterNet focal loss on the centres; GIoU + L1 on log edge distances at every cell inside a box (weighted,
+    each box counting once); cross-entropy on labels / sites and BCE on quality at the centre cell.
 
     ``site_weight_mask`` (B,) switches the site term off for images whose site cannot be read from position
     (mirrored augmentations).
@@ -114,61 +142,64 @@ def detection_loss(
     neg_loss = -(torch.log(1 - prob) * prob**2 * (1 - heat_target) ** 4)[~positive].sum()
     n_pos = max(1, int(positive.sum()))
     losses = {"centre": (pos_loss + neg_loss) / n_pos}
-    rows, true_boxes, labels, sites, site_ok = [], [], [], [], []
+    centres, labels, sites, site_ok = [], [], [], []
     for b, target in enumerate(targets):
-        for box, label, site in zip(target.boxes, target.labels, target.sites, strict=True):
-            scaled = box * side
-            ix = int(((scaled[0] + scaled[2]) / 2).clamp(0, side - 1))
-            iy = int(((scaled[1] + scaled[3]) / 2).clamp(0, side - 1))
-            rows.append((b, iy, ix))
-            true_boxes.append(box)
-            labels.append(int(label))
-            sites.append(int(site))
+        for box, label, site in zip(target.boxes.tolist(), target.labels.tolist(), target.sites.tolist(), strict=True):
+            ix = int(np.clip((box[0] + box[2]) / 2 * side, 0, side - 1))
+            iy = int(np.clip((box[1] + box[3]) / 2 * side, 0, side - 1))
+            centres.append((b, iy, ix))
+            labels.append(label)
+            sites.append(site)
             site_ok.append(site_weight_mask is None or bool(site_weight_mask[b]))
     zero = maps.sum() * 0.0
-    if not rows:
+    if not centres:
         return {**losses, "box": zero, "label": zero, "site": zero, "quality": zero}
-    b_idx, y_idx, x_idx = (torch.tensor(v, device=maps.device) for v in zip(*rows, strict=True))
-    truth = torch.stack(true_boxes).to(maps.device)
-    decoded = _decode_cells(parts, b_idx, y_idx, x_idx, side)
-    true_centre = (truth[:, :2] + truth[:, 2:]) / 2 * side
-    offset_target = true_centre - torch.stack([x_idx, y_idx], dim=1).float()
-    size_target = torch.log(((truth[:, 2:] - truth[:, :2]) * side).clamp(min=0.25))
-    losses["box"] = (
-        F.l1_loss(parts["offset"][b_idx, :, y_idx, x_idx], offset_target.clamp(0, 1))
-        + F.l1_loss(parts["log_size"][b_idx, :, y_idx, x_idx], size_target)
-        + generalized_box_iou_loss(decoded, truth, reduction="mean")
-    )
-    label_t = torch.tensor(labels, device=maps.device)
+    device = maps.device
+    weight, truth = (t.to(device) for t in _regression_targets(targets, side))
+    ys, xs = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+    cell = torch.stack([xs, ys]).float().add(0.5).unsqueeze(0)  # (1, 2, H, W) cell centres
+    edges = torch.exp(parts["log_edges"])
+    decoded = torch.cat([cell - edges[:, :2], cell + edges[:, 2:]], dim=1) / side  # (B, 4, H, W) fractions
+    edges_target = torch.cat([cell - truth[:, :2] * side, truth[:, 2:] * side - cell], dim=1)
+    l1 = (parts["log_edges"] - torch.log(edges_target.clamp(min=0.25))).abs().mean(dim=1)
+    giou = generalized_box_iou_loss(
+        _cells_as_rows(decoded.clamp(0.0, 1.0)), _cells_as_rows(truth), reduction="none"
+    ).view_as(weight)
+    losses["box"] = ((giou + l1) * weight).sum() / len(centres)
+    cb, cy, cx = (torch.tensor(v, device=device) for v in zip(*centres, strict=True))
+    label_t = torch.tensor(labels, device=device)
     losses["label"] = (
-        F.cross_entropy(parts["label"][b_idx, :, y_idx, x_idx], label_t.clamp(min=0), reduction="none")[
-            label_t >= 0
-        ].mean()
+        F.cross_entropy(parts["label"][cb, :, cy, cx], label_t.clamp(min=0), reduction="none")[label_t >= 0].mean()
         if (label_t >= 0).any()
         else zero
     )
-    site_t = torch.tensor(sites, device=maps.device)
-    keep = (site_t >= 0) & torch.tensor(site_ok, device=maps.device)
-    losses["site"] = F.cross_entropy(parts["site"][b_idx, :, y_idx, x_idx][keep], site_t[keep]) if keep.any() else zero
-    iou = box_iou(decoded.detach(), truth).diagonal()
-    losses["quality"] = F.binary_cross_entropy_with_logits(parts["quality"][b_idx, y_idx, x_idx], iou)
+    site_t = torch.tensor(sites, device=device)
+    keep = (site_t >= 0) & torch.tensor(site_ok, device=device)
+    losses["site"] = F.cross_entropy(parts["site"][cb, :, cy, cx][keep], site_t[keep]) if keep.any() else zero
+    centre_truth = torch.stack([t for target in targets for t in target.boxes]).to(device)
+    iou = box_iou(_decode_cells(parts, cb, cy, cx, side).detach(), centre_truth).diagonal()
+    losses["quality"] = F.binary_cross_entropy_with_logits(parts["quality"][cb, cy, cx], iou)
     return losses
+
+
+def _cells_as_rows(boxes: torch.Tensor) -> torch.Tensor:
+    """``(B, 4, H, W)`` box maps -> ``(B * H * W, 4)`` rows, in the order of ``weight.flatten()``."""
+    return boxes.permute(0, 2, 3, 1).reshape(-1, 4)
 
 
 def _decode_cells(
     parts: dict[str, torch.Tensor], b: torch.Tensor, y: torch.Tensor, x: torch.Tensor, side: int
 ) -> torch.Tensor:
-    """Boxes (fractions) predicted at the given cells."""
-    offset = parts["offset"][b, :, y, x]
-    size = torch.exp(parts["log_size"][b, :, y, x])
-    centre = torch.stack([x, y], dim=1).float() + offset
-    return (torch.cat([centre - size / 2, centre + size / 2], dim=1) / side).clamp(0.0, 1.0)
+    """Boxes (fractions) predicted at the given cells: the cell centre minus / plus its edge distances."""
+    edges = torch.exp(parts["log_edges"][b, :, y, x])
+    centre = torch.stack([x, y], dim=1).float() + 0.5
+    return (torch.cat([centre - edges[:, :2], centre + edges[:, 2:]], dim=1) / side).clamp(0.0, 1.0)
 
 
 def mirror_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Head output of a horizontally mirrored image -> the maps of the original image (x offset mirrored too)."""
+    """Head output of a horizontally mirrored image -> the maps of the original image (left / right edges swapped)."""
     maps = maps.flip(-1).clone()
-    maps[:, 1] = -maps[:, 1]  # the x offset is a sigmoid logit: 1 - sigmoid(v) == sigmoid(-v)
+    maps[:, [1, 3]] = maps[:, [3, 1]]  # left and right edge distances swap
     return maps
 
 
@@ -193,8 +224,7 @@ def decode_proposals(
         heat = (heat + torch.sigmoid(other["centre"])) / 2
         parts = {
             **parts,
-            "offset": (parts["offset"] + other["offset"]) / 2,
-            "log_size": (parts["log_size"] + other["log_size"]) / 2,
+            "log_edges": (parts["log_edges"] + other["log_edges"]) / 2,
             "quality": (parts["quality"] + other["quality"]) / 2,
         }
     batch, side = heat.shape[0], heat.shape[-1]

@@ -58,16 +58,22 @@ def test_gap_longer_than_allowed_splits_the_track() -> None:
     assert _key(joined) == (10, 10, 0, 20, 20, 6, "cyst")
 
 
-def test_labels_and_places_are_kept_apart() -> None:
-    detections = [_det(k, 10, 10, 20, 20, label="cyst") for k in (0, 1, 2)]
-    detections += [_det(k, 10, 10, 20, 20, label="hyperdense lesion") for k in (1, 2)]
+def test_places_are_kept_apart_and_one_lesion_named_two_ways_is_one_box() -> None:
+    detections = [_det(k, 10, 10, 20, 20, label="cyst", score=0.9) for k in (0, 1, 2)]
+    detections += [_det(k, 10, 10, 20, 20, label="hyperdense lesion", score=0.5) for k in (1, 2)]
     detections += [_det(k, 50, 50, 60, 60, label="cyst") for k in (0, 1)]
     detections += [_det(0, 0, 0, 5, 5), _det(1, 6, 6, 11, 11)]  # neighbours that do not overlap: two strays
     assert sorted(_key(b) for b in link_slice_detections(detections, axis=2)) == [
         (10, 10, 0, 20, 20, 3, "cyst"),
-        (10, 10, 1, 20, 20, 3, "hyperdense lesion"),
         (50, 50, 0, 60, 60, 2, "cyst"),
     ]
+
+
+def test_a_track_takes_the_score_weighted_majority_label() -> None:
+    detections = [_det(0, 10, 10, 20, 20, label="cyst", score=0.9)]
+    detections += [_det(k, 10, 10, 20, 20, label="hyperdense lesion", score=0.6) for k in (1, 2)]
+    (box,) = link_slice_detections(detections, axis=2)
+    assert _key(box) == (10, 10, 0, 20, 20, 3, "hyperdense lesion")  # 1.2 of votes against 0.9
 
 
 def test_duplicate_tracks_are_merged_by_3d_nms_keeping_the_better_one() -> None:

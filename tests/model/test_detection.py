@@ -21,13 +21,14 @@ CHANNELS = 1 + 4 + LABELS + SITES + 1
 
 
 def _maps_with_box(cx: float, cy: float, w: float, h: float, label: int = 1) -> torch.Tensor:
-    """Head output (logits) whose single peak decodes to a box centred at (cx, cy) cells, w x h cells."""
+    """Head output (logits) whose single peak is at the cell holding (cx, cy) and whose every cell inside the
+    box regresses the box centred at (cx, cy) cells, w x h cells."""
     maps = torch.full((1, CHANNELS, SIDE, SIDE), -8.0)
     ix, iy = int(cx), int(cy)
     maps[0, 0, iy, ix] = 8.0
-    off = torch.tensor([cx - ix, cy - iy]).clamp(1e-4, 1 - 1e-4)
-    maps[0, 1:3, iy, ix] = torch.log(off / (1 - off))
-    maps[0, 3:5, iy, ix] = torch.log(torch.tensor([w, h]))
+    ys, xs = torch.meshgrid(torch.arange(SIDE) + 0.5, torch.arange(SIDE) + 0.5, indexing="ij")
+    edges = torch.stack([xs - (cx - w / 2), ys - (cy - h / 2), (cx + w / 2) - xs, (cy + h / 2) - ys])
+    maps[0, 1:5] = torch.log(edges.clamp(min=1e-3))
     maps[0, 5 + label, iy, ix] = 5.0
     return maps
 
@@ -68,7 +69,7 @@ def test_detection_loss_is_small_for_the_right_maps_and_large_for_wrong_ones():
     assert bad["centre"] > 10 * good["centre"] and bad["label"] > 1.0
     nothing = detection_loss(right, [DetectionTarget.empty()], LABELS, SITES)  # a lesion-free slice
     assert float(nothing["box"]) == 0.0 and nothing["centre"] > good["centre"]
-    assert set(split_maps(right, LABELS, SITES)) == {"centre", "offset", "log_size", "label", "site", "quality"}
+    assert set(split_maps(right, LABELS, SITES)) == {"centre", "log_edges", "label", "site", "quality"}
 
 
 @pytest.fixture(scope="module")
