@@ -61,6 +61,7 @@ class AppConfig:
     samples: int = 4  # sampled answers per slice for active-learning disagreement
     train_steps: int = 20
     train_method: str = "grpo"  # "grpo" or "sft"
+    detector_steps: int = 150  # detection-connector models: steps fitting the detector on the corrections first; 0 off
     torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (small models on busy CPUs: 1)
     auto_scoring: bool = False  # MONAI Label's default re-scores all images in a child process at start-up
     # security and resource limits (docs/security.md)
@@ -171,7 +172,7 @@ def parse_app_config(conf: Mapping[str, str]) -> AppConfig:
             key.startswith("max_")
         ):
             values[key] = _int(key, value, 1)
-        elif key == "torch_threads":
+        elif key in ("torch_threads", "detector_steps"):
             values[key] = _int(key, value, 0)
         elif key == "image_size":
             values[key] = _int(key, value, 16)

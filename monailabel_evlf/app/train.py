@@ -97,7 +97,7 @@ class EVLFTrainTask(TrainTask):
         return samples
 
     def __call__(self, request: dict[str, Any], datastore) -> dict[str, Any]:
-        from monailabel_evlf.training.config import GRPOConfig, SFTConfig
+        from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, SFTConfig
         from monailabel_evlf.training.finetune import finetune_adapter
 
         started = time.perf_counter()
@@ -126,6 +126,9 @@ class EVLFTrainTask(TrainTask):
             else {"grpo": GRPOConfig(steps=steps, max_new_tokens=self.app_config.max_new_tokens)}
         )
         served = self.served
+        if self.app_config.detector_steps and getattr(served.backend, "has_proposals", False):
+            # the model sees lesions only through its proposals: LoRA alone cannot reach what the detector misses
+            stages["detector"] = DetectorConfig(steps=self.app_config.detector_steps, learning_rate=1e-3)
         # trains this process's own model copy: the server process keeps serving until the pointer moves
         result = finetune_adapter(
             served.backend,

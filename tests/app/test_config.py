@@ -28,6 +28,7 @@ def test_values_are_typed():
             "batch_size": "16",
             "window": "-600,1500",
             "output": "labelmap",
+            "detector_steps": "0",
             "backend.revision": "abc",
             "models": "all",  # MONAI Label sample-app habit: accepted and ignored
         }
@@ -37,7 +38,7 @@ def test_values_are_typed():
     assert config.labels == ("nodule", "mass") and config.vocabulary == ("nodule", "mass", "normal")
     assert config.targets == ("nodule",)
     assert config.slice_axis == 1 and config.batch_size == 16 and config.window == "-600,1500"
-    assert config.extra == {"revision": "abc"}
+    assert config.extra == {"revision": "abc"} and config.detector_steps == 0
     assert parse_app_config({"slice_axis": "auto"}).slice_axis is None
 
 
@@ -57,6 +58,7 @@ def test_values_are_typed():
         ("model", "", "empty"),
         ("output", "png", "markups"),
         ("image_size", "8", ">= 16"),
+        ("detector_steps", "-1", ">= 0"),
     ],
 )
 def test_bad_option_names_itself(key, value, says):
