@@ -148,3 +148,20 @@ def test_frozen_detector_cache_gives_the_same_tokens_and_refuses_a_trainable_det
     finally:
         for p in trainable:
             p.requires_grad_(True)
+
+
+def test_every_cell_inside_a_box_regresses_it_and_each_box_counts_once():
+    big = torch.tensor([[2.0, 2.0, 12.0, 12.0]]) / SIDE  # 10 x 10 cells
+    target = DetectionTarget(boxes=big, labels=torch.tensor([0]), sites=torch.tensor([0]))
+    right = _maps_with_box(7.0, 7.0, 10.0, 10.0, label=0)
+    centre_only = right.clone()
+    inside = torch.zeros(SIDE, SIDE, dtype=torch.bool)
+    inside[2:12, 2:12] = True
+    inside[7, 7] = False  # the centre cell stays right
+    centre_only[0, 1:5][:, inside] = 0.0  # every other cell inside predicts a 2 x 2 cell box around itself
+    right_loss = detection_loss(right, [target], LABELS, SITES)["box"]
+    wrong_loss = detection_loss(centre_only, [target], LABELS, SITES)["box"]
+    assert right_loss < 0.05 < 0.5 < wrong_loss
+    # a second, identical image doubles neither term: the box loss is a mean over boxes
+    pair = detection_loss(torch.cat([right, right]), [target, target], LABELS, SITES)["box"]
+    assert float(pair) == pytest.approx(float(right_loss), abs=1e-5)
