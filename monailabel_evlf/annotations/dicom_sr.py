@@ -11,8 +11,8 @@ go in TID 1500's "Qualitative Evaluations" container as TEXT items.
 Reading: any TID 1500 report whose measurement groups hold 2D SCOORD regions, ours or what OHIF 3.x writes for a
 RectangleROI. OHIF writes (cornerstone3D ``packages/adapters/src/adapters/Cornerstone3D/RectangleROI.ts`` with
 dcmjs ``src/utilities/TID300/Polyline.js``): a Measurement Group with Tracking Identifier
-"Cornerstone3DTools@^0.1.0:RectangleROI", optional Finding / Finding Site codes (older versions: the label as a
-``CORNERSTONEFREETEXT`` code), NUM Perimeter and NUM Area each INFERRED FROM the same SCOORD POLYLINE of 5 points
+"Cornerstone3DTools@^0.1.0:RectangleROI", optional Finding / Finding Site codes (OHIF 3.x: the typed label as
+a Finding Site (SCT 363698007) code of scheme / value ``CORNERSTONEFREETEXT``, older versions as a Finding), NUM Perimeter and NUM Area each INFERRED FROM the same SCOORD POLYLINE of 5 points
 (corners 0, 1, 3, 2, 0) SELECTED FROM the IMAGE, and the label as a DCM "Comment" TEXT (``LabelData.ts``).
 Ellipses and circles are read as their bounding boxes.
 """
@@ -227,20 +227,23 @@ def _region_bounds(item: Dataset) -> np.ndarray | None:
 
 def _group_text(group: Dataset) -> tuple[str, float | None, str]:
     label = text = ""
-    finding_meaning = ""
+    finding_meaning = free_label = ""
     score = None
     for item in _items(group):
         if item.ValueType == "TEXT" and _is(item, codes.DCM.Comment):
             label = label or str(item.TextValue)
         elif item.ValueType == "TEXT" and _is(item, FINDING_TEXT):
             text = str(item.TextValue)
-        elif item.ValueType == "CODE" and _is(item, codes.DCM.Finding):
+        elif item.ValueType == "CODE" and (_is(item, codes.DCM.Finding) or _is(item, codes.SCT.FindingSite)):
             concept = item.ConceptCodeSequence[0]
-            if concept.CodeValue in _FREE_TEXT_CODE_VALUES or not finding_meaning:
+            free_text = {str(concept.get("CodeValue", "")), str(concept.get("CodingSchemeDesignator", ""))}
+            if free_text & _FREE_TEXT_CODE_VALUES:  # a label typed into OHIF / Cornerstone
+                free_label = free_label or str(concept.CodeMeaning)
+            elif _is(item, codes.DCM.Finding) and not finding_meaning:
                 finding_meaning = str(concept.CodeMeaning)
         elif item.ValueType == "NUM" and _is(item, CONFIDENCE) and item.get("MeasuredValueSequence"):
             score = float(item.MeasuredValueSequence[0].NumericValue)
-    return label or finding_meaning, score, text
+    return label or free_label or finding_meaning, score, text
 
 
 def _measurement_groups(sr: Dataset) -> list[Dataset]:

@@ -172,7 +172,9 @@ def _sop_reference(image: Dataset) -> Dataset:
     return reference
 
 
-def _ohif_group(image: Dataset, graphic_type: str, points: list[float], label: str | None, legacy: bool) -> Dataset:
+def _ohif_group(
+    image: Dataset, graphic_type: str, points: list[float], label: str | None, legacy: bool, site_scheme: str = ""
+) -> Dataset:
     scoord = _item(
         "INFERRED FROM",
         "SCOORD",
@@ -197,24 +199,40 @@ def _ohif_group(image: Dataset, graphic_type: str, points: list[float], label: s
             _item("CONTAINS", "CODE", _code("121071", "DCM", "Finding"),
                   ConceptCodeSequence=[_code("CORNERSTONEFREETEXT", "CORNERSTONEJS", label)])
         )  # fmt: skip
+    if site_scheme and label:  # OHIF 3.x "Create SR": the typed label as a free-text Finding Site code
+        value = "CORNERSTONEFREETEXT" if site_scheme == "CORNERSTONEJS" else label[:16]
+        content.append(
+            _item("HAS CONCEPT MOD", "CODE", _code("363698007", "SCT", "Finding Site"),
+                  ConceptCodeSequence=[_code(value, site_scheme, label)])
+        )  # fmt: skip
     if graphic_type == "POLYLINE":
         content.append(num(_code("131191004", "SCT", "Perimeter"), _code("mm", "UCUM", "mm"), 31.5))
     content.append(num(_code("G-A166", "SRT", "Area"), _code("mm2", "UCUM", "mm2"), 52.4))
-    if label and not legacy:
+    if label and not legacy and not site_scheme:
         content.append(_item("CONTAINS", "TEXT", _code("121106", "DCM", "Comment"), TextValue=label))
     return _item("CONTAINS", "CONTAINER", _code("125007", "DCM", "Measurement Group"),
                  ContinuityOfContent="SEPARATE", ContentSequence=content)  # fmt: skip
 
 
-def ohif_sr(series: list[Dataset], groups: list[tuple[int, str, list[float], str | None]], legacy=False) -> Dataset:
-    """An SR as OHIF 3.x exports it; ``groups`` are (slice k, graphic type, graphic data, label)."""
+def ohif_sr(
+    series: list[Dataset],
+    groups: list[tuple[int, str, list[float], str | None]],
+    legacy=False,
+    site_scheme: str = "",
+    sop_class: str = "1.2.840.10008.5.1.4.1.1.88.34",
+) -> Dataset:
+    """An SR as OHIF 3.x exports it; ``groups`` are (slice k, graphic type, graphic data, label).
+
+    ``site_scheme`` puts the label in a free-text Finding Site code of that scheme (OHIF 3.10's "Create SR", which
+    writes Enhanced SR ``...88.22``) instead of a Comment. Built by hand after the dcmjs / cornerstone adapter
+    sources, not exported from a running OHIF."""
     ordered = order_slices(series)
     source = ordered[0]
     sr = Dataset()
     sr.file_meta = FileMetaDataset()
     sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
-    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    sr.file_meta.MediaStorageSOPClassUID = sop_class
+    sr.SOPClassUID = sop_class  # Comprehensive 3D SR by default
     sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     sr.SpecificCharacterSet = "ISO_IR 192"
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
@@ -244,7 +262,8 @@ def ohif_sr(series: list[Dataset], groups: list[tuple[int, str, list[float], str
               ContentSequence=[_item("CONTAINS", "CONTAINER", _code("126200", "DCM", "Image Library Group"),
                                      ContinuityOfContent="SEPARATE", ContentSequence=library)]),
         _item("CONTAINS", "CONTAINER", _code("126010", "DCM", "Imaging Measurements"), ContinuityOfContent="SEPARATE",
-              ContentSequence=[_ohif_group(ordered[k], kind, data, label, legacy) for k, kind, data, label in groups]),
+              ContentSequence=[_ohif_group(ordered[k], kind, data, label, legacy, site_scheme)
+                                   for k, kind, data, label in groups]),
     ]  # fmt: skip
     evidence = []
     for image in referenced:
@@ -286,6 +305,33 @@ def test_reads_legacy_ohif_free_text_label_and_ellipses(ct_series, tmp_path) -> 
     assert (rectangle.k, rectangle.label) == (0, "cyst")
     assert (oval.k, oval.label) == (5, "mass")
     assert (oval.box.x1, oval.box.y1, oval.box.x2, oval.box.y2) == (10.0, 12.0, 20.0, 18.0)
+
+
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+
+
+@pytest.mark.filterwarnings("ignore:The value length")
+@pytest.mark.parametrize("scheme", ["CORNERSTONEJS", "CORNERSTONEFREETEXT"])
+def test_reads_enhanced_sr_label_from_free_text_finding_site(ct_series, tmp_path, scheme) -> None:
+    ellipse = [10.0, 15.0, 20.0, 15.0, 15.0, 12.0, 15.0, 18.0]
+    groups = [(2, "POLYLINE", OHIF_RECTANGLE, "cyst"), (4, "ELLIPSE", ellipse, "hemorrhage")]
+    sr = ohif_sr(ct_series, groups, site_scheme=scheme, sop_class=ENHANCED_SR)
+    sr = _save_and_reload(sr, tmp_path / "ohif.dcm")
+    assert sr.SOPClassUID == ENHANCED_SR
+    rectangle, oval = read_sr_boxes(sr, ct_series)
+    assert (rectangle.k, rectangle.label, rectangle.box.x1, rectangle.box.y2) == (2, "cyst", 5.5, 20.0)
+    assert (oval.k, oval.label, oval.box.x1, oval.box.y1) == (4, "hemorrhage", 10.0, 12.0)
+
+
+def test_a_coded_finding_site_organ_is_not_taken_for_the_label(ct_series, tmp_path) -> None:
+    sr = ohif_sr(ct_series, [(1, "POLYLINE", OHIF_RECTANGLE, None)])
+    group = next(i for i in _walk(sr) if i.ValueType == "CONTAINER" and _named(i, "125007"))
+    group.ContentSequence.append(
+        _item("HAS CONCEPT MOD", "CODE", _code("363698007", "SCT", "Finding Site"),
+              ConceptCodeSequence=[_code("10200004", "SCT", "Liver")])
+    )  # fmt: skip
+    (finding,) = read_sr_boxes(_save_and_reload(sr, tmp_path / "ohif.dcm"), ct_series)
+    assert finding.label == ""
 
 
 def test_regions_on_other_series_are_skipped_with_a_warning(ct_series, tmp_path, caplog) -> None:
