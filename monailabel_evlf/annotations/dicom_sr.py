@@ -12,8 +12,9 @@ Reading: any TID 1500 report whose measurement groups hold 2D SCOORD regions, ou
 RectangleROI. OHIF writes (cornerstone3D ``packages/adapters/src/adapters/Cornerstone3D/RectangleROI.ts`` with
 dcmjs ``src/utilities/TID300/Polyline.js``): a Measurement Group with Tracking Identifier
 "Cornerstone3DTools@^0.1.0:RectangleROI", optional Finding / Finding Site codes (OHIF 3.x: the typed label as
-a Finding Site (SCT 363698007) code of scheme / value ``CORNERSTONEFREETEXT``, older versions as a Finding), NUM Perimeter and NUM Area each INFERRED FROM the same SCOORD POLYLINE of 5 points
-(corners 0, 1, 3, 2, 0) SELECTED FROM the IMAGE, and the label as a DCM "Comment" TEXT (``LabelData.ts``).
+a Finding Site (SCT 363698007) code of scheme / value ``CORNERSTONEFREETEXT``, older versions as a Finding),
+NUM Perimeter and NUM Area each INFERRED FROM the same SCOORD POLYLINE of 5 points (corners 0, 1, 3, 2, 0)
+SELECTED FROM the IMAGE, and the label as a DCM "Comment" TEXT (``LabelData.ts``).
 Ellipses and circles are read as their bounding boxes.
 """
 
