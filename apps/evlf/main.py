@@ -66,7 +66,7 @@ class EVLFApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            return dicomweb_datastore(self.studies)
+            return dicomweb_datastore(self.studies, targets=self.evlf_config.targets, limits=self.evlf_config.limits)
         return CheckedLocalDatastore(
             self.studies,
             targets=self.evlf_config.targets,

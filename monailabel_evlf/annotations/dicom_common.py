@@ -64,3 +64,19 @@ def slice_uids(series: Sequence[Dataset] | Sequence[str]) -> list[str]:
     if all(isinstance(item, str) for item in series):
         return [str(uid) for uid in series]
     return [str(ds.SOPInstanceUID) for ds in order_slices(series)]
+
+
+MANUFACTURER = "monailabel-evlf"  # the Manufacturer of every SR / SEG this package writes
+
+
+def is_model_output(dataset: Dataset) -> bool:
+    """Whether an SR / SEG is the app's own AI output rather than a person's correction.
+
+    A SEG is the model's when every segment is AUTOMATIC (corrections saved through the app are MANUAL, OHIF
+    and Slicer write MANUAL / SEMIAUTOMATIC); an SR is the model's when this package wrote it (OHIF's
+    "Create SR" writes a new SR of its own, even when it carries the AI measurements a reader accepted).
+    """
+    if dataset.get("Modality") == "SEG":
+        kinds = {str(s.get("SegmentAlgorithmType", "")) for s in dataset.get("SegmentSequence", [])}
+        return kinds == {"AUTOMATIC"}
+    return str(dataset.get("Manufacturer", "")) == MANUFACTURER

@@ -34,8 +34,12 @@ def write_segmentation(
     series_description: str = "EVLF boxes",
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    manual: bool = False,
 ) -> hd.seg.Segmentation:
     """A binary DICOM SEG of the filled voxel ``boxes`` (volume edge coordinates) on the source series.
+
+    ``manual=True`` marks the segments as a person's (Segment Algorithm Type MANUAL, no algorithm), which is how a
+    correction saved through the DICOMweb datastore is told from the model's own AUTOMATIC output.
 
     Slice ``k`` is the instance at position ``k`` of ``slice_uid_order`` (``Volume.meta["sop_instance_uids"]``)
     or, by default, of :func:`order_slices`. Save with ``seg.save_as(path)``.
@@ -65,8 +69,10 @@ def write_segmentation(
             segment_label=label,
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=finding_concept(label),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL
+            if manual
+            else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=None if manual else algorithm,
         )
         for n, label in enumerate(labels, start=1)
     ]

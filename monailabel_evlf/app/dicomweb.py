@@ -9,15 +9,28 @@ DICOM series itself must reach the pipeline so results can reference its instanc
 
 from __future__ import annotations
 
+import io
 import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
+import numpy as np
+import pydicom
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+
+from monailabel_evlf.annotations.dicom_common import is_model_output
+from monailabel_evlf.annotations.dicom_seg import write_segmentation
+from monailabel_evlf.app.datastore import check_label_file, label_suffix
+from monailabel_evlf.app.security import Limits, check_id, check_json_object, check_tag, refuse
+from monailabel_evlf.atomic import write_atomic
+from monailabel_evlf.imaging.volume import load_volume
 
 logger = logging.getLogger(__name__)
 
 
-def dicomweb_datastore(url: str) -> DICOMWebDatastore:
+def dicomweb_datastore(url: str, targets: Sequence[str] = (), limits: Limits = Limits()) -> EVLFDICOMwebDatastore:
     """A DICOMweb datastore on ``url`` (e.g. ``http://127.0.0.1:8042/dicom-web``) serving DICOM folders."""
     from dicomweb_client.session_utils import create_session_from_user_pass
 
@@ -34,10 +47,270 @@ def dicomweb_datastore(url: str) -> DICOMWebDatastore:
     )
     cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or settings.MONAI_LABEL_DATASTORE_CACHE_PATH or "").strip()
     logger.info("DICOMweb datastore %s (series served as DICOM folders, cache %s)", url, cache_path or "default")
-    return DICOMWebDatastore(
+    return EVLFDICOMwebDatastore(
         client=client,
+        targets=targets,
+        limits=limits,
         search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
         cache_path=cache_path or None,
         fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
         convert_to_nifti=False,
     )
+
+
+IMAGE_LESS_MODALITIES = {"SR", "SEG", "KO", "PR", "RTSTRUCT", "DOC", "OT"}
+LABEL_MODALITIES = ("SR", "SEG")
+FINAL = "final"
+
+
+class Correction(NamedTuple):
+    """A person's SR / SEG in the DICOMweb server and the image series it annotates."""
+
+    study_uid: str
+    series_uid: str
+    image_series_uid: str
+    when: str  # SeriesDate + SeriesTime (or Content / Instance Creation), for picking the newest
+
+
+def _when(ds: pydicom.Dataset) -> str:
+    for date, time_ in (
+        ("ContentDate", "ContentTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("InstanceCreationDate", "InstanceCreationTime"),
+    ):
+        if ds.get(date):
+            return f"{ds.get(date)}{ds.get(time_, '')}"
+    return ""
+
+
+def referenced_series(ds: pydicom.Dataset) -> set[str]:
+    """Series UIDs an SR / SEG names as its evidence (SEG: Referenced Series; SR: the evidence sequences)."""
+    found = {str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in s}
+    for key in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in ds.get(key, []):
+            found |= {str(s.SeriesInstanceUID) for s in study.get("ReferencedSeriesSequence", [])}
+    return found
+
+
+def referenced_instances(ds: pydicom.Dataset) -> set[str]:
+    """SOP Instance UIDs an SR's IMAGE items point at (for SRs written without an evidence sequence)."""
+    found: set[str] = set()
+    stack = list(ds.get("ContentSequence", []))
+    while stack:
+        item = stack.pop()
+        for ref in item.get("ReferencedSOPSequence", []):
+            found.add(str(ref.ReferencedSOPInstanceUID))
+        stack.extend(item.get("ContentSequence", []))
+    return found
+
+
+class EVLFDICOMwebDatastore(DICOMWebDatastore):
+    """MONAI Label's DICOMweb datastore with the EVLF app's idea of a label.
+
+    - Images are the series of image modalities (never an SR / SEG / KO / PR series).
+    - "Labelled" means a person's correction exists in the server: an SR / SEG that references the image series
+      and is not the app's own AI output (:func:`is_model_output`). AI SR / SEG results therefore neither label
+      a study nor drop it from active learning. All corrections count under the tag ``final``.
+    - ``get_label_uri(image_id, "final")`` downloads the newest correction of that image as one ``.dcm`` file,
+      so training reads an SR / SEG, never the image series.
+    - ``save_label`` checks the label (4xx with the reason) and stores it in the study through STOW-RS:
+      an SR / SEG as it is, Slicer markups / label maps as a MANUAL DICOM SEG of their boxes.
+    QIDO answers are not cached for hours as in MONAI Label (a saved correction counts at once); the metadata of
+    an SR / SEG series, which never changes, is.
+    """
+
+    def __init__(self, *args: Any, targets: Sequence[str] = (), limits: Limits = Limits(), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.targets = tuple(targets)
+        self.limits = limits
+        self._meta: dict[str, pydicom.Dataset | None] = {}
+        self._instances: dict[str, set[str]] = {}
+
+    # -- images ------------------------------------------------------------------------------------------------
+
+    def list_images(self) -> list[str]:
+        datasets = self._client.search_for_series(search_filters=self._search_filter)
+        series = []
+        for item in datasets:
+            ds = pydicom.Dataset.from_json(item)
+            if str(ds.get("Modality", "")) not in IMAGE_LESS_MODALITIES:
+                series.append(str(ds.SeriesInstanceUID))
+        return series
+
+    def _known(self, image_id: str) -> str:
+        check_id(image_id)
+        if image_id not in self.list_images():
+            raise refuse(404, f"image {image_id!r} is not an image series in the DICOMweb datastore")
+        return image_id
+
+    def get_image_uri(self, image_id: str) -> str:
+        return super().get_image_uri(self._known(image_id))
+
+    # -- corrections -------------------------------------------------------------------------------------------
+
+    def _series_meta(self, study_uid: str, series_uid: str) -> pydicom.Dataset | None:
+        if series_uid not in self._meta:
+            try:
+                meta = self._client.retrieve_series_metadata(study_uid, series_uid)
+                self._meta[series_uid] = pydicom.Dataset.from_json(meta[0]) if meta else None
+            except Exception as exc:  # a series removed meanwhile, or one the server cannot describe
+                logger.warning("cannot read metadata of series %s: %s", series_uid, exc)
+                return None
+        return self._meta[series_uid]
+
+    def _image_series_of(self, ds: pydicom.Dataset, study_uid: str, images: set[str]) -> str | None:
+        named = referenced_series(ds) & images
+        if named:
+            return sorted(named)[0]
+        wanted = referenced_instances(ds)
+        if not wanted:
+            return None
+        for item in self._client.search_for_series(search_filters={"StudyInstanceUID": study_uid}):
+            uid = str(pydicom.Dataset.from_json(item).SeriesInstanceUID)
+            if uid not in images:
+                continue
+            if uid not in self._instances:
+                found = self._client.search_for_instances(study_uid, uid, fields=["SOPInstanceUID"])
+                self._instances[uid] = {str(pydicom.Dataset.from_json(i).SOPInstanceUID) for i in found}
+            if wanted & self._instances[uid]:
+                return uid
+        return None
+
+    def corrections(self) -> list[Correction]:
+        """Every person's SR / SEG on an image series of this datastore, oldest first."""
+        images = set(self.list_images())
+        found = []
+        for modality in LABEL_MODALITIES:
+            for item in self._client.search_for_series(search_filters={"Modality": modality}):
+                head = pydicom.Dataset.from_json(item)
+                study_uid, series_uid = str(head.StudyInstanceUID), str(head.SeriesInstanceUID)
+                meta = self._series_meta(study_uid, series_uid)
+                if meta is None or is_model_output(meta):
+                    continue
+                image = self._image_series_of(meta, study_uid, images)
+                if image is None:
+                    logger.info("label series %s references no image series of this datastore; ignored", series_uid)
+                    continue
+                found.append(Correction(study_uid, series_uid, image, _when(meta) or _when(head)))
+        return sorted(found, key=lambda c: c.when)
+
+    def _newest(self, image_id: str) -> Correction | None:
+        mine = [c for c in self.corrections() if c.image_series_uid == image_id]
+        return mine[-1] if mine else None
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: Sequence[str] | None = None) -> list[str]:
+        if label_tag not in (None, FINAL):
+            return []
+        return sorted({c.image_series_uid for c in self.corrections()})
+
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: Sequence[str] | None = None) -> list[str]:
+        return sorted(set(self.list_images()) - set(self.get_labeled_images()))
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """The newest correction of image ``label_id`` (label ids are image ids, as in the local datastore)."""
+        check_id(label_id, "label id")
+        if check_tag(label_tag) != FINAL:
+            return ""
+        correction = self._newest(label_id)
+        if correction is None:
+            return ""
+        datasets = self._client.retrieve_series(correction.study_uid, correction.series_uid)
+        newest = max(datasets, key=_when)
+        folder = Path(self._datastore.label_path(FINAL))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{label_id}.dcm"
+        buffer = io.BytesIO()
+        newest.save_as(buffer, write_like_original=False)
+        write_atomic(path, buffer.getvalue())
+        return str(path)
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
+        correction = self._newest(check_id(label_id, "label id")) if check_tag(label_tag) == FINAL else None
+        return correction._asdict() if correction else {}
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        return [
+            {"image": self.get_image_uri(i), "label": self.get_label_uri(i, FINAL)} for i in self.get_labeled_images()
+        ]
+
+    def save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
+    ) -> str:
+        """Check a correction of ``image_id`` and store it in its study through STOW-RS (see the class doc)."""
+        self._known(image_id)
+        if check_tag(label_tag) != FINAL:
+            raise refuse(422, f"the DICOMweb datastore keeps corrections under the tag 'final', not {label_tag!r}")
+        check_json_object(dict(label_info or {}), "label params", self.limits)
+        image_dir = self.get_image_uri(image_id)
+        volume = load_volume(image_dir)
+        if label_suffix(label_filename) == ".dcm":
+            dataset = self._checked_dicom(label_filename, volume)
+        else:
+            check_label_file(label_filename, "", self.targets, self.limits)
+            boxes = self._checked_boxes(label_filename, volume)
+            series = [pydicom.dcmread(p) for p in sorted(Path(image_dir).rglob("*")) if p.is_file()]
+            dataset = write_segmentation(
+                boxes,
+                [ds for ds in series if "SOPInstanceUID" in ds],
+                slice_uid_order=volume.meta["sop_instance_uids"],
+                series_description="EVLF correction",
+                manual=True,
+            )
+        self._client.store_instances(datasets=[dataset])
+        self._meta.pop(str(dataset.SeriesInstanceUID), None)
+        logger.info("correction of %s stored: %s series %s", image_id, dataset.Modality, dataset.SeriesInstanceUID)
+        return image_id
+
+    def _checked_boxes(self, label_filename: str, volume: Any) -> list:
+        from monailabel_evlf.app.labels import read_label_boxes
+
+        try:
+            boxes = read_label_boxes(label_filename, volume)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise refuse(422, f"the label cannot be read as boxes on this image: {_first_line(exc)}") from None
+        if not boxes:
+            raise refuse(422, "the label holds no box on this image series")
+        known = {t.lower() for t in self.targets}
+        for n, box in enumerate(boxes, 1):
+            if not box.label or (known and box.label.strip().lower() not in known):
+                raise refuse(
+                    422, f"box {n} has finding label {box.label!r}; name each one of: {', '.join(self.targets)}"
+                )
+            if np.any(np.asarray(box.hi) <= 0) or np.any(np.asarray(box.lo) >= np.asarray(volume.shape)):
+                raise refuse(422, f"box {n} ({box.label}) lies outside the image")
+        return boxes
+
+    def _checked_dicom(self, label_filename: str, volume: Any) -> pydicom.Dataset:
+        try:
+            dataset = pydicom.dcmread(label_filename)
+        except Exception:  # pydicom raises several error types on truncated files
+            raise refuse(422, "unreadable DICOM label") from None
+        modality = dataset.get("Modality")
+        if modality not in LABEL_MODALITIES:
+            raise refuse(422, f"a DICOM label must be an SR or SEG, got modality {modality!r}")
+        if is_model_output(dataset):
+            raise refuse(422, "this is the app's own AI output, not a correction: edit it (e.g. in OHIF) and save anew")
+        study = volume.meta.get("study_instance_uid") or self._study_of(volume)
+        if study and str(dataset.get("StudyInstanceUID", "")) != study:
+            raise refuse(422, "the label belongs to another study than this image")
+        self._checked_boxes(label_filename, volume)
+        return dataset
+
+    @staticmethod
+    def _study_of(volume: Any) -> str:
+        for path in sorted(Path(volume.meta["source"]).rglob("*")):
+            if path.is_file():
+                try:
+                    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+                except Exception:  # not a DICOM file
+                    continue
+        return ""
+
+    # -- MONAI Label internals that would treat SEG series as the only labels ---------------------------------
+
+    def _download_labeled_data(self) -> None:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

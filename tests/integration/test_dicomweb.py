@@ -19,10 +19,13 @@ import pytest
 import requests
 from dicomweb_client import DICOMwebClient
 
+from monailabel_evlf.annotations.dicom_common import is_model_output
 from monailabel_evlf.annotations.dicom_seg import read_segmentation_boxes
 from monailabel_evlf.annotations.dicom_sr import read_sr_boxes
+from monailabel_evlf.annotations.slicer_markups import write_roi_markups
 from monailabel_evlf.app.bench import running_server
 from monailabel_evlf.data.phantoms import write_sample_dataset
+from monailabel_evlf.imaging.geometry import WorldBox
 
 pytestmark = pytest.mark.integration
 
@@ -161,3 +164,71 @@ def test_dicom_seg_is_stored_back_through_stow_rs(server, orthanc, phantoms):
         for lesion in sidecar["lesions"]
     )
     assert got == want
+
+
+# -- the DICOMweb datastore as the app needs it: corrections, not AI outputs, are labels --------------------------
+
+
+def test_ai_outputs_do_not_label_a_study(server, orthanc, phantoms):
+    _, sidecar = phantoms
+    _ground(server, sidecar, "dicom_sr")
+    _ground(server, sidecar, "dicom_seg")
+    # the study now has the app's SR and SEG, yet it is still unlabelled: active learning still offers it
+    response = requests.post(f"{server}/activelearning/first", json={}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == sidecar["dicom"]["series_instance_uid"]
+
+
+def _put_label(server: str, image: str, path: Path, tag: str = "final") -> requests.Response:
+    with path.open("rb") as handle:
+        return requests.put(
+            f"{server}/datastore/label",
+            params={"image": image, "tag": tag},
+            files={"label": (path.name, handle)},
+            timeout=300,
+        )
+
+
+def test_bad_labels_are_refused_with_4xx(server, orthanc, phantoms, tmp_path):
+    root, sidecar = phantoms
+    image = sidecar["dicom"]["series_instance_uid"]
+    study_uid = sidecar["dicom"]["study_instance_uid"]
+    (ai_sr,) = _stored_series(orthanc, study_uid, "SR")[:1]
+    ai_sr.save_as(tmp_path / "ai.dcm")
+    ct = sorted((root / "dicom").rglob("*.dcm"))[0]
+    (tmp_path / "ct.dcm").write_bytes(ct.read_bytes())
+    (tmp_path / "garbage.dcm").write_bytes(b"not dicom at all" * 10)
+    (tmp_path / "notes.txt").write_text("a box somewhere")
+    world = {**sidecar["lesions"][0]["world_box"], "label": "no-such-finding"}
+    write_roi_markups([WorldBox.from_dict(world)], tmp_path / "unknown.json")
+    cases = {
+        "unknown image": (_put_label(server, "1.2.3.4.5", tmp_path / "unknown.json"), 404),
+        "the app's AI SR": (_put_label(server, image, tmp_path / "ai.dcm"), 422),
+        "a CT instance": (_put_label(server, image, tmp_path / "ct.dcm"), 422),
+        "not DICOM": (_put_label(server, image, tmp_path / "garbage.dcm"), 422),
+        "unsupported format": (_put_label(server, image, tmp_path / "notes.txt"), 422),
+        "unknown finding": (_put_label(server, image, tmp_path / "unknown.json"), 422),
+        "other tag": (_put_label(server, image, tmp_path / "unknown.json", tag="original"), 422),
+    }
+    got = {name: (r.status_code, r.text[:160]) for name, (r, _) in cases.items()}
+    assert {name: status for name, (status, _) in got.items()} == {n: want for n, (_, want) in cases.items()}, got
+    # nothing was stored: still no person's SR / SEG
+    assert all(is_model_output(ds) for m in ("SR", "SEG") for ds in _stored_series(orthanc, study_uid, m))
+
+
+def test_saved_markups_become_a_manual_seg_correction(server, orthanc, phantoms, tmp_path):
+    _, sidecar = phantoms
+    image = sidecar["dicom"]["series_instance_uid"]
+    study_uid = sidecar["dicom"]["study_instance_uid"]
+    boxes = [WorldBox.from_dict({**les["world_box"], "label": les["label"]}) for les in sidecar["lesions"]]
+    write_roi_markups(boxes, tmp_path / "correction.json")
+    response = _put_label(server, image, tmp_path / "correction.json")
+    assert response.status_code == 200, response.text
+
+    manual = [ds for ds in _stored_series(orthanc, study_uid, "SEG") if not is_model_output(ds)]
+    assert len(manual) == 1
+    stored = read_segmentation_boxes(manual[0], sidecar["dicom"]["sop_instance_uids"])
+    assert sorted(b.label for b in stored) == sorted(les["label"] for les in sidecar["lesions"])
+    # a person's correction labels the study: active learning has nothing left to offer
+    response = requests.post(f"{server}/activelearning/first", json={}, timeout=120)
+    assert response.status_code in (200, 404) and response.json().get("id") != image, response.text
