@@ -42,6 +42,8 @@ DIAGNOSIS = codes.DCM.DifferentialDiagnosisImpression
 REASONING = codes.DCM.NarrativeSummary
 FINDING_TEXT = codes.DCM.SelectedRegionDescription
 CONFIDENCE = codes.DCM.Probability
+# what Cornerstone3D's RectangleROI tool writes and OHIF 3.x needs to take a measurement over ("rehydrate") it
+OHIF_RECTANGLE_TRACKING = "Cornerstone3DTools@^0.1.0:RectangleROI"
 _FREE_TEXT_CODE_VALUES = {"CORNERSTONEFREETEXT", "CS3DTEXT"}  # how OHIF / cornerstone code a typed label
 
 
@@ -100,7 +102,7 @@ def _measurement_group(
         measurements.append(hd.sr.Measurement(name=CONFIDENCE, value=float(finding.score), unit=codes.UCUM.NoUnits))
     site_concept = anatomy_concept(site) if site else None
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(identifier=f"EVLF finding {n + 1}", uid=generate_uid()),
+        tracking_identifier=hd.sr.TrackingIdentifier(identifier=OHIF_RECTANGLE_TRACKING, uid=generate_uid()),
         referenced_region=region,
         finding_category=codes.SCT.MorphologicallyAbnormalStructure,
         finding_type=finding_concept(finding.label),
@@ -128,8 +130,13 @@ def write_measurement_report(
     series_description: str = "EVLF findings",
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
-) -> hd.sr.Comprehensive3DSR:
-    """A Comprehensive 3D SR TID 1500 Measurement Report of ``findings`` on the source series.
+) -> hd.sr.ComprehensiveSR:
+    """A Comprehensive SR (``...88.33``) TID 1500 Measurement Report of ``findings`` on the source series.
+
+    Comprehensive SR, not Comprehensive 3D SR: OHIF 3.x sends ``...88.34`` to a 3D handler that draws nothing on
+    a slice. Each group's Tracking Identifier is the one Cornerstone's RectangleROI tool writes, so OHIF can hand
+    the rectangle to that tool for a reader to edit; the group's Algorithm Identification (model id, adapter
+    version) and the Device observer keep the provenance.
 
     ``findings[i].k`` is the slice index: the instance at position ``k`` of ``slice_uid_order`` (e.g.
     ``Volume.meta["sop_instance_uids"]``) or, by default, of :func:`order_slices`. ``sites`` are organ names per
@@ -173,7 +180,7 @@ def write_measurement_report(
         )
         container.ContentSequence = hd.sr.ContentSequence(evaluations)
         report[0].ContentSequence.append(container)
-    return hd.sr.Comprehensive3DSR(
+    return hd.sr.ComprehensiveSR(
         evidence=ordered,
         content=report[0],
         series_instance_uid=series_instance_uid or generate_uid(),

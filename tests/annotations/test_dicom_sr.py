@@ -102,7 +102,7 @@ def test_report_codes_area_and_confidence(report_path) -> None:
 
 
 def test_highdicom_parses_the_report(report_path) -> None:
-    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(report_path))
+    sr = hd.sr.ComprehensiveSR.from_dataset(pydicom.dcmread(report_path))
     report = hd.sr.MeasurementReport.from_sequence([sr], is_root=True)
     groups = report.get_planar_roi_measurement_groups()
     assert len(groups) == 3
@@ -350,3 +350,14 @@ def test_regions_on_other_series_are_skipped_with_a_warning(ct_series, tmp_path,
         scoord.GraphicData = [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="malformed GraphicData"):
         read_sr_boxes(sr, ct_series)
+
+
+def test_report_is_comprehensive_sr_with_cornerstone_tracking(report_path) -> None:
+    """OHIF 3.x draws Comprehensive SR (not 3D SR) regions on their slice and takes over Cornerstone's own ids."""
+    sr = pydicom.dcmread(report_path)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    groups = [i for i in _walk(sr) if i.ValueType == "CONTAINER" and _named(i, "125007")]
+    trackers = [str(i.TextValue) for g in groups for i in g.ContentSequence if _named(i, "112039")]
+    assert trackers and set(trackers) == {"Cornerstone3DTools@^0.1.0:RectangleROI"}
+    algorithms = [str(i.TextValue) for g in groups for i in _walk(g) if _named(i, "111001")]  # Algorithm Name
+    assert len(algorithms) == len(groups)
