@@ -251,12 +251,7 @@ class VolumePipeline:
 
     def _parse(self, text: str, rendered: RenderedSlice) -> ParsedAnswer:
         height, width = rendered.image.shape[:2]
-        return parse_answer(
-            text,
-            self.backend.box_convention,
-            (width, height),
-            model_input_size=self.backend.model_input_size((width, height)),
-        )
+        return parse_answer(text, self.backend.box_codec.for_image((width, height)))
 
     def _ask(self, volume: Volume, prompt: str, indices: Sequence[int] | None) -> tuple[VolumeResult, list]:
         started = time.perf_counter()
@@ -311,7 +306,7 @@ class VolumePipeline:
         of examined slices in its span where it was seen, so a box with holes ranks below a solid one.
         """
         started = time.perf_counter()
-        prompt = grounding_prompt(self.config.modality, target, self.backend.box_convention)
+        prompt = grounding_prompt(self.config.modality, target, self.backend.box_codec)
         result, slices = self._ask(volume, prompt, indices)
         self.box_scores(slices, result.answers)
         detections = [
@@ -382,7 +377,7 @@ class VolumePipeline:
             raise ValueError(f"disagreement needs at least 2 samples per slice, got {n}")
         _, slices = self.render(volume)
         sampling = SamplingConfig(max_new_tokens=self.config.max_new_tokens, do_sample=True, seed=seed)
-        prompt = grounding_prompt(self.config.modality, None, self.backend.box_convention)
+        prompt = grounding_prompt(self.config.modality, None, self.backend.box_codec)
         groups = self.generate(slices, [prompt] * len(slices), n, sampling)
         entropies, spreads = [], []
         for rendered, texts in zip(slices, groups, strict=True):

@@ -46,7 +46,7 @@ def bench_batching(pipeline, volume, batch_size: int, repeats: int) -> dict[str,
     from monailabel_evlf.tasks.prompts import grounding_prompt
 
     _, slices = pipeline.render(volume)
-    prompts = [grounding_prompt(pipeline.config.modality, None)] * len(slices)
+    prompts = [grounding_prompt(pipeline.config.modality, None, pipeline.backend.box_codec)] * len(slices)
     results = {"slices": float(len(slices))}
     original = pipeline.config
     try:

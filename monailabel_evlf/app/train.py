@@ -72,12 +72,11 @@ class EVLFTrainTask(TrainTask):
         backend = self.served.backend
         size = (self.app_config.image_size, self.app_config.image_size)
         return SampleOptions(
-            convention=backend.box_convention,
+            box_codec=backend.box_codec,
             size=size,
             window=self.app_config.window,
             labels=self.app_config.targets,
             modality=self.app_config.modality,
-            model_input_size=backend.model_input_size(size),
         )
 
     def collect_samples(self, datastore, label_tag: str) -> list:

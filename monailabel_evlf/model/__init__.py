@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from monailabel_evlf.model.backend import BACKENDS, BoxConvention, VLMBackend, resolve_backend_class
+from monailabel_evlf.model.backend import BACKENDS, VLMBackend, resolve_backend_class
 
 logger = logging.getLogger(__name__)
 
@@ -32,4 +32,4 @@ def load_backend(backend: str, model: str, **kwargs: Any) -> VLMBackend:
     return cls.from_pretrained(model, **kwargs)
 
 
-__all__ = ["BACKENDS", "BoxConvention", "VLMBackend", "load_backend"]
+__all__ = ["BACKENDS", "VLMBackend", "load_backend"]

@@ -8,7 +8,6 @@ without the adapter) and trains :meth:`VLMBackend.trainable_parameters`; the app
 
 from __future__ import annotations
 
-import enum
 import importlib
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -19,13 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-
-class BoxConvention(enum.Enum):
-    """How a backend writes box coordinates in its answers (see docs/conventions.md)."""
-
-    ABSOLUTE_MODEL_INPUT = "absolute_model_input"  # pixels of the image after the processor's resize
-    NORMALIZED_1000 = "normalized_1000"  # 0..1000 of width / height
-    NORMALIZED_100 = "normalized_100"  # 0..100 of width / height (native EVLF: one token per number)
+from monailabel_evlf.tasks.box_codec import BoxCodec
 
 
 @dataclass(frozen=True)
@@ -52,19 +45,18 @@ class VLMBackend(Protocol):
     """A vision-language model as the rest of the library sees it.
 
     Images are RGB ``uint8`` arrays ``(H, W, 3)``; prompts are the user turn's text (the backend adds its chat
-    template and image placeholders). Box coordinates in answers follow :attr:`box_convention`.
+    template and image placeholders). :attr:`box_codec` says how answers write boxes (a
+    :class:`~monailabel_evlf.tasks.box_codec.BoxCodec`: the convention and, for pixels of the resized picture, the
+    processor's resize rule); prompts, targets, parsing and rewards all take it from here.
     """
 
     model_id: str
-    box_convention: BoxConvention
+    box_codec: BoxCodec
 
     def generate(
         self, images: Sequence[np.ndarray], prompts: Sequence[str], n: int = 1, sampling: SamplingConfig | None = None
     ) -> list[list[str]]:
         """``n`` answers per (image, prompt) pair; all pairs go through the model as one batch."""
-
-    def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """``(width, height)`` of the image the model actually sees for an input of ``image_size`` (w, h)."""
 
     def completion_logprobs(
         self, images: Sequence[np.ndarray], prompts: Sequence[str], completions: Sequence[str]
@@ -93,58 +85,6 @@ BACKENDS: dict[str, str] = {
     "qwen2_5_vl": "monailabel_evlf.model.backends.qwen2_5_vl:Qwen25VLBackend",
     "qwen3_vl": "monailabel_evlf.model.backends.qwen3_vl:Qwen3VLBackend",
 }
-
-
-def _scale(
-    convention: BoxConvention, image_size: tuple[int, int], model_input_size: tuple[int, int] | None
-) -> tuple[float, float]:
-    """Answer units per image pixel along x and y for ``convention`` (``image_size`` is ``(width, height)``)."""
-    width, height = image_size
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image_size must be positive (width, height), got {image_size}")
-    if convention is BoxConvention.NORMALIZED_100:
-        return 100.0 / width, 100.0 / height
-    if convention is BoxConvention.NORMALIZED_1000:
-        return 1000.0 / width, 1000.0 / height
-    if convention is BoxConvention.ABSOLUTE_MODEL_INPUT:
-        if model_input_size is None:
-            raise ValueError("ABSOLUTE_MODEL_INPUT boxes need the model_input_size the model saw")
-        if model_input_size[0] <= 0 or model_input_size[1] <= 0:
-            raise ValueError(f"model_input_size must be positive (width, height), got {model_input_size}")
-        return model_input_size[0] / width, model_input_size[1] / height
-    raise ValueError(f"unknown box convention {convention!r}")
-
-
-def to_image_pixels(
-    box: Sequence[float],
-    convention: BoxConvention,
-    image_size: tuple[int, int],
-    model_input_size: tuple[int, int] | None = None,
-) -> tuple[float, float, float, float]:
-    """An answer's ``[x1, y1, x2, y2]`` in ``convention`` -> edge coordinates in pixels of the original image.
-
-    All conventions are linear in edge coordinates (0 = left / top edge, full scale = right / bottom edge), so
-    this is one scale per axis; corners are reordered so that ``x1 <= x2`` and ``y1 <= y2``.
-    """
-    if len(box) != 4:
-        raise ValueError(f"a box needs 4 coordinates [x1, y1, x2, y2], got {list(box)!r}")
-    sx, sy = _scale(BoxConvention(convention), image_size, model_input_size)
-    x1, y1, x2, y2 = (float(v) for v in box)
-    return min(x1, x2) / sx, min(y1, y2) / sy, max(x1, x2) / sx, max(y1, y2) / sy
-
-
-def from_image_pixels(
-    box: Sequence[float],
-    convention: BoxConvention,
-    image_size: tuple[int, int],
-    model_input_size: tuple[int, int] | None = None,
-) -> tuple[float, float, float, float]:
-    """The inverse of :func:`to_image_pixels`: image-pixel box -> the numbers a backend writes (not rounded)."""
-    if len(box) != 4:
-        raise ValueError(f"a box needs 4 coordinates [x1, y1, x2, y2], got {list(box)!r}")
-    sx, sy = _scale(BoxConvention(convention), image_size, model_input_size)
-    x1, y1, x2, y2 = (float(v) for v in box)
-    return x1 * sx, y1 * sy, x2 * sx, y2 * sy
 
 
 def resolve_backend_class(name_or_path: str) -> type:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monailabel_evlf.imaging.geometry import Box2D
-from monailabel_evlf.model.backend import BoxConvention, to_image_pixels
+from monailabel_evlf.tasks.box_codec import SliceCodec
 
 _STRICT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.S)
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -142,13 +142,7 @@ def _label_text(body: str) -> str | None:
     return label or None
 
 
-def _to_pixels(
-    numbers: list[float],
-    convention: BoxConvention,
-    image_size: tuple[int, int],
-    model_input_size: tuple[int, int] | None,
-    issues: list[str],
-) -> tuple[float, float, float, float]:
+def _to_pixels(numbers: list[float], codec: SliceCodec, issues: list[str]) -> tuple[float, float, float, float]:
     """One answer box -> pixel edge coordinates (not clipped); 0-1 fractions are recognised whatever the convention.
 
     A box of four numbers in [0, 1] with a decimal among them is a fraction of the image (LLaVA / Shikra style):
@@ -156,50 +150,37 @@ def _to_pixels(
     """
     if all(0.0 <= v <= 1.0 for v in numbers) and any(not v.is_integer() for v in numbers):
         issues.append(f"box {numbers} read as 0-1 fractions of the image")
-        width, height = image_size
+        width, height = codec.image_size
         x_a, y_a, x_b, y_b = numbers
         return min(x_a, x_b) * width, min(y_a, y_b) * height, max(x_a, x_b) * width, max(y_a, y_b) * height
-    return to_image_pixels(numbers, convention, image_size, model_input_size)
+    return codec.to_pixels(numbers)
 
 
-def parse_answer(
-    text: str,
-    convention: BoxConvention | str,
-    image_size: tuple[int, int],
-    model_input_size: tuple[int, int] | None = None,
-) -> ParsedAnswer:
-    """Parse one model answer; boxes come back clipped to the ``image_size`` (width, height) rendered image.
+def parse_answer(text: str, codec: SliceCodec) -> ParsedAnswer:
+    """Parse one model answer; boxes come back in pixels of, and clipped to, the image ``codec`` is bound to.
 
-    ``model_input_size`` is the (width, height) the model saw (``backend.model_input_size(image_size)``), needed
-    for ``ABSOLUTE_MODEL_INPUT``. Bad *arguments* raise ``ValueError``; nothing the model wrote does.
+    ``codec`` is ``backend.box_codec.for_image((width, height))``. Nothing the model wrote raises.
     """
-    convention = BoxConvention(convention)
-    to_image_pixels((0, 0, 0, 0), convention, image_size, model_input_size)  # validates the arguments up front
     parsed = ParsedAnswer(text=text if isinstance(text, str) else "")
     try:
-        _parse_into(parsed, convention, image_size, model_input_size)
+        _parse_into(parsed, codec)
     except Exception as exc:  # never raise on model text; the issue says what went wrong
         parsed.issues.append(f"unparseable answer: {type(exc).__name__}: {exc}")
     return parsed
 
 
-def _parse_into(
-    parsed: ParsedAnswer,
-    convention: BoxConvention,
-    image_size: tuple[int, int],
-    model_input_size: tuple[int, int] | None,
-) -> None:
+def _parse_into(parsed: ParsedAnswer, codec: SliceCodec) -> None:
     parsed.reasoning, body, parsed.format_ok = split_answer(parsed.text)
     parsed.answer = _FENCE.sub("", body).strip()
     if not parsed.format_ok:
         parsed.issues.append("not in <think>...</think><answer>...</answer> form")
-    width, height = image_size
+    width, height = codec.image_size
     raw = _raw_boxes(parsed.answer)
     for numbers, label in raw:
         if not all(math.isfinite(v) for v in numbers):
             parsed.issues.append(f"box {numbers} is not finite; dropped")
             continue
-        box = _to_pixels(numbers, convention, image_size, model_input_size, parsed.issues)
+        box = _to_pixels(numbers, codec, parsed.issues)
         x1, y1, x2, y2 = (min(max(v, 0.0), limit) for v, limit in zip(box, (width, height, width, height), strict=True))
         if (x1, y1, x2, y2) != box:
             parsed.issues.append(f"box {numbers} clipped to the image")

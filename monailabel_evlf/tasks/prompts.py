@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 
 from monailabel_evlf.imaging.geometry import Box2D
-from monailabel_evlf.model.backend import BoxConvention, from_image_pixels
+from monailabel_evlf.tasks.box_codec import BoxCodec, SliceCodec
 
 SYSTEM_PROMPT = (
     "You are a careful radiology assistant. Think step by step about the image, then answer. "
@@ -48,12 +48,6 @@ _MODALITY_NAMES = {
     "OCT": "OCT",
 }
 
-_BOX_WORDS = {
-    BoxConvention.ABSOLUTE_MODEL_INPUT: "as pixel coordinates of the image",
-    BoxConvention.NORMALIZED_1000: "scaled to 0-1000 of the image width and height",
-    BoxConvention.NORMALIZED_100: "scaled to 0-100 of the image width and height",
-}
-
 
 def modality_name(modality: str) -> str:
     """DICOM modality code or common name -> the word used in prompts ("MR" -> "MRI")."""
@@ -75,14 +69,12 @@ def diagnosis_prompt(modality: str, labels: Sequence[str], variant: int = 0) -> 
     return prompt
 
 
-def grounding_prompt(
-    modality: str, target: str | None = None, convention: BoxConvention = BoxConvention.NORMALIZED_100
-) -> str:
-    """Ask for boxes around ``target`` (or around every abnormality when ``None``)."""
+def grounding_prompt(modality: str, target: str | None, codec: BoxCodec) -> str:
+    """Ask for boxes around ``target`` (or around every abnormality when ``None``) in the backend's coordinates."""
     what = f"the {target}" if target else "every abnormality"
     return (
         f"Locate {what} in this {modality_name(modality)} image. Answer with JSON "
-        f'{{"label": ..., "bbox_2d": [x1, y1, x2, y2]}} for each finding, {_BOX_WORDS[convention]}.'
+        f'{{"label": ..., "bbox_2d": [x1, y1, x2, y2]}} for each finding, {codec.prompt_words}.'
     )
 
 
@@ -111,35 +103,11 @@ def vqa_target(reasoning: str, answer: str) -> str:
     return format_answer(reasoning, answer)
 
 
-def answer_coordinates(
-    box: Box2D,
-    convention: BoxConvention,
-    image_size: tuple[int, int],
-    model_input_size: tuple[int, int] | None = None,
-) -> list[int]:
-    """The integers a backend of ``convention`` should write for ``box`` (image pixels): rounded, kept inside the
-    image and at least one answer unit wide, so that a tiny lesion never becomes an empty target box."""
-    full_x, full_y = (
-        round(v) for v in from_image_pixels((0, 0, *image_size), convention, image_size, model_input_size)[2:]
-    )
-    x1, y1, x2, y2 = (round(v) for v in from_image_pixels(box.as_array(), convention, image_size, model_input_size))
-    x1, y1 = min(max(x1, 0), full_x - 1), min(max(y1, 0), full_y - 1)
-    return [x1, y1, min(max(x2, x1 + 1), full_x), min(max(y2, y1 + 1), full_y)]
-
-
-def grounding_target(
-    reasoning: str,
-    boxes: Sequence[Box2D],
-    convention: BoxConvention,
-    image_size: tuple[int, int],
-    model_input_size: tuple[int, int] | None = None,
-) -> str:
-    """A correct grounding completion: one ``{"label", "bbox_2d"}`` object, or a JSON list when several."""
+def grounding_target(reasoning: str, boxes: Sequence[Box2D], codec: SliceCodec) -> str:
+    """A correct grounding completion: one ``{"label", "bbox_2d"}`` object, or a JSON list when several; ``boxes``
+    are in pixels of the image ``codec`` is bound to, written as :meth:`~.box_codec.SliceCodec.answer_numbers`."""
     if not boxes:
         raise ValueError("a grounding target needs at least one box")
-    items = [
-        {"label": box.label or "", "bbox_2d": answer_coordinates(box, convention, image_size, model_input_size)}
-        for box in boxes
-    ]
+    items = [{"label": box.label or "", "bbox_2d": codec.answer_numbers(box.as_array())} for box in boxes]
     body = json.dumps(items[0] if len(items) == 1 else items, separators=(", ", ": "))
     return format_answer(reasoning, body)

@@ -9,10 +9,11 @@ completions:
 - ``gt_boxes``: boxes in rendered-image pixels (grounding): :class:`~monailabel_evlf.imaging.geometry.Box2D`,
   their ``to_dict()`` form (what a ``datasets.Dataset`` stores) or ``[x1, y1, x2, y2]`` lists;
 - ``image_size``: ``(width, height)`` of the rendered image (grounding);
-- ``box_convention``: the backend's :class:`~monailabel_evlf.model.backend.BoxConvention` or its value
-  (default ``NORMALIZED_100``, native EVLF) and ``model_input_size`` (needed for ``ABSOLUTE_MODEL_INPUT``);
 - ``answer``: the reference answer (vqa_f1_reward).
 
+How the answers write boxes is one backend's, not a sample's: ``grounding_reward`` takes the backend's
+:class:`~monailabel_evlf.tasks.box_codec.BoxCodec` as the ``box_codec`` keyword (our GRPO loop passes
+``backend.box_codec``; with TRL fix it with :func:`functools.partial`); the default is native EVLF's 0..100 grid.
 A reward returns ``None`` for a sample of another task, which TRL (and our GRPO loop) skip rather than count as 0.
 """
 
@@ -26,12 +27,14 @@ from typing import Any
 import numpy as np
 
 from monailabel_evlf.imaging.geometry import Box2D, box_iou_2d
-from monailabel_evlf.model.backend import BoxConvention
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention, SliceCodec
 from monailabel_evlf.tasks.labels import is_correct_diagnosis, normalize
 from monailabel_evlf.tasks.parsing import ParsedAnswer, parse_answer
 
 RewardFunction = Callable[..., list[float | None]]
 DEFAULT_IOU_FLOOR = 0.1
+_NATIVE_BOX_CODEC = BoxCodec(BoxConvention.NORMALIZED_100)
+_TEXT_ONLY = _NATIVE_BOX_CODEC.for_image((100, 100))  # format / label / answer text do not depend on box geometry
 
 
 def completion_text(completion: Any) -> str:
@@ -55,19 +58,8 @@ def _column(columns: Mapping[str, Any], name: str, n: int) -> list[Any]:
     return list(values)
 
 
-def _parse(
-    completion: Any,
-    convention: Any = None,
-    image_size: Any = None,
-    model_input_size: Any = None,
-) -> ParsedAnswer:
-    """Format / label / answer text do not depend on the box convention; only grounding passes real geometry."""
-    return parse_answer(
-        completion_text(completion),
-        BoxConvention(convention) if convention is not None else BoxConvention.NORMALIZED_100,
-        tuple(image_size) if image_size is not None else (100, 100),
-        tuple(model_input_size) if model_input_size is not None else None,
-    )
+def _parse(completion: Any, codec: SliceCodec = _TEXT_ONLY) -> ParsedAnswer:
+    return parse_answer(completion_text(completion), codec)
 
 
 def _applies(task: str | None, wanted: str) -> bool:
@@ -136,9 +128,15 @@ def _truth_boxes(values: Sequence[Any]) -> list[Box2D]:
 
 
 def grounding_reward(
-    prompts: Sequence[Any], completions: Sequence[Any], *, iou_floor: float = DEFAULT_IOU_FLOOR, **columns: Any
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    *,
+    iou_floor: float = DEFAULT_IOU_FLOOR,
+    box_codec: BoxCodec = _NATIVE_BOX_CODEC,
+    **columns: Any,
 ) -> list[float | None]:
-    """IoU of the answer's boxes with the ground truth (:func:`best_iou`), 0 below ``iou_floor``.
+    """IoU of the answer's boxes, read with ``box_codec``, with the ground truth (:func:`best_iou`), 0 below
+    ``iou_floor``.
 
     Below the floor the model "pointed to the wrong location entirely" (paper, Methods) and earns nothing.
     """
@@ -151,17 +149,15 @@ def grounding_reward(
         _column(columns, "task", n),
         _column(columns, "gt_boxes", n),
         _column(columns, "image_size", n),
-        _column(columns, "box_convention", n),
-        _column(columns, "model_input_size", n),
         strict=True,
     )
-    for completion, task, truth, size, convention, seen in rows:
+    for completion, task, truth, size in rows:
         if not _applies(task, "grounding") or truth is None:
             out.append(None)
             continue
         if size is None:
             raise ValueError("grounding_reward needs the image_size column to read boxes")
-        iou = best_iou(_parse(completion, convention, size, seen).boxes, _truth_boxes(truth))
+        iou = best_iou(_parse(completion, box_codec.for_image(size)).boxes, _truth_boxes(truth))
         out.append(iou if iou >= iou_floor else 0.0)
     return out
 

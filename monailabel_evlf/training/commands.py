@@ -69,13 +69,7 @@ def sample_options_from_args(args: argparse.Namespace, backend: Any) -> Any:
     from monailabel_evlf.training.samples import SampleOptions
 
     size = tuple(args.size) if args.size else (96, 96)
-    return SampleOptions(
-        convention=backend.box_convention,
-        size=size,
-        window=args.window,
-        tasks=tuple(args.tasks),
-        model_input_size=backend.model_input_size(size),
-    )
+    return SampleOptions(box_codec=backend.box_codec, size=size, window=args.window, tasks=tuple(args.tasks))
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -159,12 +159,11 @@ def build_demo_model(
     backend = EVLFBackend.from_pretrained(str(work / "init"), **config.backend)
     data = config.data
     options = SampleOptions(
-        convention=backend.box_convention,
+        box_codec=backend.box_codec,
         size=tuple(data.size),
         window=data.window,
         tasks=tuple(data.tasks),
         prompt_variants=data.prompt_variants,
-        model_input_size=backend.model_input_size(tuple(data.size)),
     )
     held_out_studies = phantom_studies(data, "held_out")
     train, held_out = phantom_split(data, options, "train"), phantom_split(data, options, "held_out", held_out_studies)

@@ -178,10 +178,7 @@ def copy_proposal_targets(backend, samples: Sequence[TrainingSample], *, min_iou
             sample = samples[i]
             written = _matched_boxes(sample.boxes, proposals, min_iou)
             reasoning, _, _ = split_answer(sample.target)
-            size = sample.image_size
-            target = prompts.grounding_target(
-                reasoning, written, backend.box_convention, size, backend.model_input_size(size)
-            )
+            target = prompts.grounding_target(reasoning, written, backend.box_codec.for_image(sample.image_size))
             out[i] = replace(sample, target=target)
     return out
 

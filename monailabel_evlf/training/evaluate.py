@@ -85,8 +85,7 @@ def predict(
         batch = samples[start : start + batch_size]
         texts = backend.generate([s.image for s in batch], prompts[start : start + batch_size], n=1, sampling=greedy)
         for sample, answers in zip(batch, texts, strict=True):
-            size = sample.image_size
-            parsed = parse_answer(answers[0], backend.box_convention, size, backend.model_input_size(size))
+            parsed = parse_answer(answers[0], backend.box_codec.for_image(sample.image_size))
             out.append(Prediction(sample, answers[0], parsed))
     return out
 

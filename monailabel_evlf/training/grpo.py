@@ -41,7 +41,7 @@ def score_completions(
     """Weighted sum of every reward function on ``completions`` (one per sample, aligned); plus per-function means.
 
     A reward of ``None`` (the sample belongs to another task) counts 0, as TRL's ``nansum``. With ``backend``, the
-    rewards also get its box convention and model input size to read the answers' boxes.
+    rewards also get its ``box_codec`` to read the answers' boxes.
     """
     weights = list(weights) if weights is not None else [1.0] * len(reward_funcs)
     if len(weights) != len(reward_funcs):
@@ -49,14 +49,12 @@ def score_completions(
     if len(samples) != len(completions):
         raise ValueError(f"{len(samples)} samples for {len(completions)} completions")
     columns = TrainingSample.columns(samples)
-    if backend is not None:
-        columns["box_convention"] = [backend.box_convention] * len(samples)
-        columns["model_input_size"] = [backend.model_input_size(s.image_size) for s in samples]
+    fixed = {"box_codec": backend.box_codec} if backend is not None else {}  # one per backend, not a column
     prompts = [s.prompt for s in samples]
     total = torch.zeros(len(completions), dtype=torch.float64)
     means = {}
     for fn, weight in zip(reward_funcs, weights, strict=True):
-        values = fn(prompts, list(completions), **columns)
+        values = fn(prompts, list(completions), **columns, **fixed)
         if len(values) != len(completions):
             raise ValueError(
                 f"reward {getattr(fn, '__name__', fn)} returned {len(values)} values for {len(completions)}"

@@ -91,11 +91,7 @@ def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progre
     out.mkdir(parents=True, exist_ok=True)
     backend = load_backend(config.backend, config.model)
     options = SampleOptions(
-        convention=backend.box_convention,
-        size=tuple(config.size),
-        window=config.window,
-        tasks=("grounding",),
-        model_input_size=backend.model_input_size(tuple(config.size)),
+        box_codec=backend.box_codec, size=tuple(config.size), window=config.window, tasks=("grounding",)
     )
     train_cases = shifted_cases(config, max(config.shots), 1, options)
     held_out = [s for case in shifted_cases(config, config.held_out_cases, 2, options) for s in case]

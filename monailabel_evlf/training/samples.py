@@ -21,7 +21,7 @@ import numpy as np
 from monailabel_evlf.imaging.geometry import Box2D, VoxelBox
 from monailabel_evlf.imaging.slicing import RenderedSlice, choose_axis, render_slices, voxel_box_to_slice_box
 from monailabel_evlf.imaging.volume import Volume
-from monailabel_evlf.model.backend import BoxConvention
+from monailabel_evlf.tasks.box_codec import BoxCodec
 
 TASKS = ("grounding", "diagnosis", "vqa")
 NORMAL_LABEL = "normal"
@@ -69,7 +69,7 @@ class TrainingSample:
 class SampleOptions:
     """How slices become samples: picture size and window, which tasks, the label set for diagnosis prompts."""
 
-    convention: BoxConvention
+    box_codec: BoxCodec  # the backend's: how prompts name and targets write boxes
     size: tuple[int, int] = (96, 96)
     window: str = "abdomen"
     tasks: tuple[str, ...] = ("grounding", "diagnosis")
@@ -78,7 +78,6 @@ class SampleOptions:
     prompt_variants: int = 0  # diagnosis prompts: the base one (0) or a random one of 0..N (paper: N = 10)
     detailed_reasoning: bool = False  # phantoms: the sidecar's full finding sentence as <think> text
     vqa_per_slice: int = 3  # phantoms: questions drawn per slice from its ground-truth VQA set (data/vqa.py)
-    model_input_size: tuple[int, int] | None = None  # ABSOLUTE_MODEL_INPUT backends: the resized picture
 
 
 @dataclass(frozen=True)
@@ -228,14 +227,13 @@ def _slice_samples(
         for label, mine in targets:
             reason = reasons[label] if label else " ".join(dict.fromkeys(reasons.values()))
             if mine:
-                size, convention = rendered.size, options.convention
-                target = prompts.grounding_target(reason, mine, convention, size, options.model_input_size)
+                target = prompts.grounding_target(reason, mine, options.box_codec.for_image(rendered.size))
             else:
                 target = prompts.format_answer(NO_FINDING_REASONING, prompts.NO_FINDING)
             out.append(
                 TrainingSample(
                     image=rendered.image,
-                    prompt=prompts.grounding_prompt(options.modality, label, options.convention),
+                    prompt=prompts.grounding_prompt(options.modality, label, options.box_codec),
                     target=target,
                     task="grounding",
                     label=label,
@@ -438,8 +436,8 @@ def manifest_samples(folder: str | Path, options: SampleOptions) -> list[Trainin
             boxes = [Box2D(*coords, label=label) for coords in entry.get("boxes", [])]
             choices = entry.get("options")
             if task == "grounding":
-                prompt = prompts.grounding_prompt(modality, label, options.convention)
-                target = prompts.grounding_target(reasoning, boxes, options.convention, size, options.model_input_size)
+                prompt = prompts.grounding_prompt(modality, label, options.box_codec)
+                target = prompts.grounding_target(reasoning, boxes, options.box_codec.for_image(size))
             elif task == "diagnosis":
                 prompt = prompts.diagnosis_prompt(modality, choices or list(options.labels), variant=0)
                 target = prompts.diagnosis_target(reasoning, label)

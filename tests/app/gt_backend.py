@@ -20,7 +20,8 @@ import numpy as np
 
 from monailabel_evlf.imaging.slicing import RenderedSlice, choose_axis, render_slices
 from monailabel_evlf.imaging.volume import load_volume
-from monailabel_evlf.model.backend import BoxConvention, SamplingConfig
+from monailabel_evlf.model.backend import SamplingConfig
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 
 
 def _digest(image: np.ndarray) -> str:
@@ -28,7 +29,7 @@ def _digest(image: np.ndarray) -> str:
 
 
 class GroundTruthBackend:
-    box_convention = BoxConvention.ABSOLUTE_MODEL_INPUT
+    box_codec = BoxCodec(BoxConvention.ABSOLUTE_MODEL_INPUT, lambda size: size)  # pixels of the image it got
 
     def __init__(self, dataset_dir: Path, window: str = "abdomen") -> None:
         self.dataset_dir = dataset_dir
@@ -103,9 +104,6 @@ class GroundTruthBackend:
     ):
         self.calls.append(len(images))
         return [[self.answer(image, prompt)] * n for image, prompt in zip(images, prompts, strict=True)]
-
-    def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        return image_size
 
     def completion_logprobs(self, images, prompts, completions):
         raise NotImplementedError("the ground-truth oracle cannot be trained")

@@ -18,17 +18,14 @@ class CountingBackend:
     model_id = "counting"
 
     def __init__(self):
-        from monailabel_evlf.model.backend import BoxConvention
+        from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 
-        self.box_convention = BoxConvention.NORMALIZED_100
+        self.box_codec = BoxCodec(BoxConvention.NORMALIZED_100)
         self.calls: list[int] = []
 
     def generate(self, images, prompts, n=1, sampling=None):
         self.calls.append(len(images))
         return [["<think>.</think><answer>normal</answer>"] * n for _ in images]
-
-    def model_input_size(self, size):
-        return size
 
 
 def test_batching_bench_runs_both_ways_on_the_same_slices():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-from monailabel_evlf.model.backend import BoxConvention
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 
 
 class EchoBackend:
-    box_convention = BoxConvention.NORMALIZED_1000
+    box_codec = BoxCodec(BoxConvention.NORMALIZED_1000)
 
     def __init__(self, model_id: str, greeting: str) -> None:
         self.model_id = model_id
@@ -22,9 +22,6 @@ class EchoBackend:
 
     def generate(self, images, prompts, n=1, sampling=None):
         return [[f"<think>{self.greeting}</think><answer>{p}</answer>"] * n for p in prompts]
-
-    def model_input_size(self, image_size):
-        return image_size
 
     def completion_logprobs(self, images, prompts, completions):
         raise NotImplementedError

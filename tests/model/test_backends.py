@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from monailabel_evlf.model import load_backend
-from monailabel_evlf.model.backend import BACKENDS, BoxConvention, SamplingConfig, VLMBackend
+from monailabel_evlf.model.backend import BACKENDS, SamplingConfig, VLMBackend
 from monailabel_evlf.model.backends.evlf import EVLFBackend
 from monailabel_evlf.model.backends.qwen2_5_vl import Qwen25VLBackend
 from monailabel_evlf.model.backends.qwen3_vl import Qwen3VLBackend
+from monailabel_evlf.tasks.box_codec import BoxConvention
 
 KINDS = {
     "evlf": (EVLFBackend, BoxConvention.NORMALIZED_100),
@@ -39,7 +40,7 @@ def perturb_adapter(backend) -> None:
 def test_backends_are_registered_and_satisfy_the_protocol(backend):
     cls, convention = next(v for v in KINDS.values() if isinstance(backend, v[0]) and type(backend) is v[0])
     assert isinstance(backend, VLMBackend)
-    assert backend.box_convention is convention
+    assert backend.box_codec.convention is convention
     assert BACKENDS[next(k for k, v in KINDS.items() if v[0] is cls)].endswith(cls.__name__)
 
 
@@ -164,6 +165,10 @@ def test_qwen_model_input_size_follows_smart_resize(tiny_dirs):
     # sqrt(3900 / 3136) = 1.1152 and floored: 130 / 1.1152 = 116.6 -> 112, 30 / 1.1152 = 26.9 -> 0 -> at least 28
     assert backend.model_input_size((120, 30)) == (112, 28)
     assert backend.model_input_size((130, 30)) == (112, 28)
+    # the codec it hands out binds that resize to each image: answers are pixels of the 84 x 28 picture
+    codec = backend.box_codec.for_image((90, 40))
+    assert codec.model_input_size == (84, 28)
+    assert codec.to_pixels([42, 14, 84, 28]) == pytest.approx((45.0, 20.0, 90.0, 40.0))
 
 
 def test_presets_build_tiny_models_on_the_fly():

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monailabel_evlf.model.backend import BoxConvention
+from monailabel_evlf.tasks.box_codec import BoxConvention, SliceCodec
 from monailabel_evlf.tasks.parsing import parse_answer, split_answer
 
 SIZE = (96, 96)
@@ -19,7 +19,7 @@ CORPUS = [json.loads(line) for line in (Path(__file__).parent / "corpus" / "outp
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c["source"] for c in CORPUS])
 def test_corpus(case):
-    parsed = parse_answer(case["text"], BoxConvention(case["convention"]), SIZE, model_input_size=SIZE)
+    parsed = parse_answer(case["text"], SliceCodec(BoxConvention(case["convention"]), SIZE, SIZE))
 
     assert parsed.format_ok is case["format_ok"]
     assert parsed.label == case["label"]
@@ -36,33 +36,26 @@ def test_corpus_is_large_enough():
 def test_absolute_boxes_are_mapped_from_the_model_input_size():
     # Qwen2.5-VL saw a 448 x 224 resize of a 96 x 48 slice: its pixel (224, 112) is our (48, 24).
     text = '<think>x</think><answer>{"label": "cyst", "bbox_2d": [224, 112, 448, 224]}</answer>'
-    parsed = parse_answer(text, BoxConvention.ABSOLUTE_MODEL_INPUT, (96, 48), model_input_size=(448, 224))
+    parsed = parse_answer(text, SliceCodec(BoxConvention.ABSOLUTE_MODEL_INPUT, (96, 48), (448, 224)))
     np.testing.assert_allclose(parsed.boxes[0].as_array(), [48, 24, 96, 48])
 
 
 def test_repairs_are_reported():
     parsed = parse_answer(
         '<think>x</think><answer>{"label": "cyst", "bbox_2d": [90, 10, 10, 120]}</answer>',
-        BoxConvention.NORMALIZED_100,
-        (100, 100),
+        SliceCodec(BoxConvention.NORMALIZED_100, (100, 100)),
     )
     assert any("swapped" in issue for issue in parsed.issues)
     assert any("clipped" in issue for issue in parsed.issues)
     np.testing.assert_allclose(parsed.boxes[0].as_array(), [10, 10, 90, 100])
 
 
-def test_bad_arguments_raise_but_model_text_never_does():
-    with pytest.raises(ValueError, match="model_input_size"):
-        parse_answer("[1, 2, 3, 4]", BoxConvention.ABSOLUTE_MODEL_INPUT, (96, 96))
-    with pytest.raises(ValueError, match="positive"):
-        parse_answer("[1, 2, 3, 4]", BoxConvention.NORMALIZED_100, (0, 96))
-    with pytest.raises(ValueError):
-        parse_answer("[1, 2, 3, 4]", "pixels", (96, 96))
-    assert parse_answer(None, "normalized_100", (96, 96)).boxes == []  # type: ignore[arg-type]
+def test_model_text_never_raises():
+    assert parse_answer(None, SliceCodec(BoxConvention.NORMALIZED_100, (96, 96))).boxes == []  # type: ignore[arg-type]
 
 
 def test_fractions_are_reported():
-    parsed = parse_answer("[0.1, 0.2, 0.3, 0.4]", BoxConvention.NORMALIZED_1000, (200, 100))
+    parsed = parse_answer("[0.1, 0.2, 0.3, 0.4]", SliceCodec(BoxConvention.NORMALIZED_1000, (200, 100)))
     np.testing.assert_allclose(parsed.boxes[0].as_array(), [20, 20, 60, 40])
     assert any("fractions" in issue for issue in parsed.issues)
 
@@ -78,7 +71,7 @@ def test_split_answer_strictness():
 @settings(max_examples=300, deadline=None)
 @given(st.text(), st.sampled_from(list(BoxConvention)), st.integers(1, 2000), st.integers(1, 2000))
 def test_never_raises_and_boxes_stay_inside(text, convention, width, height):
-    parsed = parse_answer(text, convention, (width, height), model_input_size=(width, height))
+    parsed = parse_answer(text, SliceCodec(convention, (width, height), (width, height)))
     for box in parsed.boxes:
         assert 0 <= box.x1 < box.x2 <= width
         assert 0 <= box.y1 < box.y2 <= height
@@ -127,7 +120,7 @@ model_like_text = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(model_like_text, st.sampled_from(list(BoxConvention)), st.integers(1, 600), st.integers(1, 600))
 def test_model_like_fragments_never_raise_and_boxes_stay_inside(text, convention, width, height):
-    parsed = parse_answer(text, convention, (width, height), model_input_size=(448, 448))
+    parsed = parse_answer(text, SliceCodec(convention, (width, height), (448, 448)))
     for box in parsed.boxes:
         assert 0 <= box.x1 < box.x2 <= width
         assert 0 <= box.y1 < box.y2 <= height
@@ -141,7 +134,10 @@ numbers = st.integers(0, 100)
 def test_swapping_corners_does_not_change_the_box(x1, y1, x2, y2):
     def boxes(coords):
         text = f'<think>t</think><answer>{{"label": "cyst", "bbox_2d": {list(coords)}}}</answer>'
-        return [b.as_array().tolist() for b in parse_answer(text, BoxConvention.NORMALIZED_100, (100, 100)).boxes]
+        return [
+            b.as_array().tolist()
+            for b in parse_answer(text, SliceCodec(BoxConvention.NORMALIZED_100, (100, 100))).boxes
+        ]
 
     assert boxes((x1, y1, x2, y2)) == boxes((x2, y2, x1, y1)) == boxes((x1, y2, x2, y1))
 
@@ -150,5 +146,5 @@ def test_swapping_corners_does_not_change_the_box(x1, y1, x2, y2):
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
 def test_embedded_json_box_is_found_among_arbitrary_prose(prose):
     text = prose.replace("[", "(").replace("{", "(") + ' {"label": "cyst", "bbox_2d": [10, 20, 30, 40]}'
-    parsed = parse_answer(text, BoxConvention.NORMALIZED_100, (100, 100))
+    parsed = parse_answer(text, SliceCodec(BoxConvention.NORMALIZED_100, (100, 100)))
     assert [10, 20, 30, 40] in [b.as_array().tolist() for b in parsed.boxes]

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from monailabel_evlf.imaging.geometry import Box2D
-from monailabel_evlf.model.backend import BoxConvention, to_image_pixels
 from monailabel_evlf.tasks import prompts
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention, SliceCodec
 from monailabel_evlf.tasks.labels import LabelMatcher, is_correct_diagnosis, normalize
 from monailabel_evlf.tasks.parsing import parse_answer
 
 LABELS = ["cyst", "hyperdense lesion", "ring-enhancing lesion", "normal"]
+NATIVE = BoxCodec(BoxConvention.NORMALIZED_100)
 
 
 def test_base_prompt_and_ten_variants_are_the_papers():
@@ -29,8 +28,11 @@ def test_base_prompt_and_ten_variants_are_the_papers():
 
 
 def test_grounding_and_vqa_prompts_mention_what_they_ask():
-    assert "Locate the cyst in this CT image" in prompts.grounding_prompt("CT", "cyst")
-    assert "0-1000" in prompts.grounding_prompt("CT", None, BoxConvention.NORMALIZED_1000)
+    assert "Locate the cyst in this CT image" in prompts.grounding_prompt("CT", "cyst", NATIVE)
+    assert prompts.grounding_prompt("CT", None, BoxCodec(BoxConvention.NORMALIZED_1000)) == (
+        'Locate every abnormality in this CT image. Answer with JSON {"label": ..., "bbox_2d": [x1, y1, x2, y2]} '
+        "for each finding, scaled to 0-1000 of the image width and height."
+    )
     assert prompts.vqa_prompt("US", "Is there a lesion?", ["yes", "no"]).endswith(
         "Is there a lesion? Options: yes, no."
     )
@@ -40,10 +42,10 @@ def test_grounding_and_vqa_prompts_mention_what_they_ask():
 
 @pytest.mark.parametrize("convention", list(BoxConvention))
 def test_grounding_target_parses_back_to_its_boxes(convention):
-    size, seen = (96, 64), (448, 308)
+    codec = SliceCodec(convention, (96, 64), (448, 308))
     truth = [Box2D(12, 8, 36, 40, label="cyst"), Box2D(48, 16, 90, 60, label="cyst")]
-    target = prompts.grounding_target("Two cysts.", truth, convention, size, seen)
-    parsed = parse_answer(target, convention, size, seen)
+    target = prompts.grounding_target("Two cysts.", truth, codec)
+    parsed = parse_answer(target, codec)
     assert parsed.format_ok and parsed.reasoning == "Two cysts." and parsed.label == "cyst"
     # integer answer coordinates: within one answer unit of the truth
     unit = {BoxConvention.NORMALIZED_100: 0.96, BoxConvention.NORMALIZED_1000: 0.096}.get(convention, 96 / 448)
@@ -51,29 +53,9 @@ def test_grounding_target_parses_back_to_its_boxes(convention):
         np.testing.assert_allclose(got.as_array(), want.as_array(), atol=unit * 0.5 + 1e-9)
 
 
-def test_answer_coordinates_known_values():
-    # 96 x 64 image: NORMALIZED_100 units are 0.96 px along x and 0.64 px along y
-    box = Box2D(24, 16, 48, 32)
-    assert prompts.answer_coordinates(box, BoxConvention.NORMALIZED_100, (96, 64)) == [25, 25, 50, 50]
-    assert prompts.answer_coordinates(box, BoxConvention.NORMALIZED_1000, (96, 64)) == [250, 250, 500, 500]
-    absolute = prompts.answer_coordinates(box, BoxConvention.ABSOLUTE_MODEL_INPUT, (96, 64), (192, 128))
-    assert absolute == [48, 32, 96, 64]
-    # a sub-unit box at the far edge stays one unit wide and inside the image
-    tiny = prompts.answer_coordinates(Box2D(95.8, 63.9, 96, 64), BoxConvention.NORMALIZED_100, (96, 64))
-    assert tiny == [99, 99, 100, 100]
-
-
-@given(st.floats(0, 95), st.floats(0, 63), st.floats(1, 10), st.floats(1, 10))
-def test_answer_coordinates_round_trip_within_half_a_unit(x, y, w, h):
-    box = Box2D(x, y, min(x + w, 96), min(y + h, 64))
-    for convention, unit in ((BoxConvention.NORMALIZED_1000, 96 / 1000), (BoxConvention.NORMALIZED_100, 96 / 100)):
-        back = to_image_pixels(prompts.answer_coordinates(box, convention, (96, 64)), convention, (96, 64))
-        assert np.all(np.abs(np.array(back) - box.as_array()) <= unit / 2 + 1e-9)
-
-
 def test_grounding_target_needs_a_box():
     with pytest.raises(ValueError, match="at least one box"):
-        prompts.grounding_target("r", [], BoxConvention.NORMALIZED_100, (96, 64))
+        prompts.grounding_target("r", [], NATIVE.for_image((96, 64)))
 
 
 def test_label_matching_lenient_and_strict():

@@ -9,6 +9,7 @@ import pytest
 
 from monailabel_evlf.imaging.geometry import Box2D
 from monailabel_evlf.tasks import metrics, rewards
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 
 
 def answer(body, think="r"):
@@ -49,7 +50,7 @@ def test_grounding_reward_is_iou_with_a_floor():
 
 
 def test_grounding_reward_columns_from_a_dataset():
-    # gt_boxes as datasets store them (dicts / lists), a 0-1000 backend, a normal slice, another task's sample
+    # gt_boxes as datasets store them (dicts / lists), a 0-1000 backend's codec, a normal slice, another task's sample
     completions = [box_answer([0, 0, 500, 500]), answer("no lesion"), box_answer([0, 0, 10, 10]), answer("cyst")]
     got = rewards.grounding_reward(
         [""] * 4,
@@ -57,19 +58,25 @@ def test_grounding_reward_columns_from_a_dataset():
         task=["grounding", "grounding", "grounding", "diagnosis"],
         gt_boxes=[[{"bbox_2d": [0, 0, 100, 100], "label": "cyst"}], [], [], [[0, 0, 1, 1]]],
         image_size=[(200, 200)] * 4,
-        box_convention=["normalized_1000"] * 4,
+        box_codec=BoxCodec(BoxConvention.NORMALIZED_1000),
     )
     assert got == [1.0, 1.0, 0.0, None]  # a box on a normal slice earns nothing
     with pytest.raises(ValueError, match="image_size"):
         rewards.grounding_reward([""], completions[:1], gt_boxes=[[[0, 0, 1, 1]]])
-    with pytest.raises(ValueError, match="model_input_size"):
-        rewards.grounding_reward(
-            [""],
-            completions[:1],
-            gt_boxes=[[[0, 0, 1, 1]]],
-            image_size=[(9, 9)],
-            box_convention=["absolute_model_input"],
-        )
+
+
+def test_grounding_reward_reads_each_image_through_the_backends_resize():
+    # a processor that squeezes every image to 200 x 100: the same answer is another box on a transposed image
+    codec = BoxCodec(BoxConvention.ABSOLUTE_MODEL_INPUT, lambda size: (200, 100))
+    got = rewards.grounding_reward(
+        [""] * 2,
+        [box_answer([0, 0, 100, 50])] * 2,
+        gt_boxes=[[[0, 0, 50, 25]]] * 2,
+        image_size=[(100, 50), (50, 100)],
+        box_codec=codec,
+    )
+    # (100, 50): x / 2, y / 2 -> the truth; (50, 100): x / 4, y / 1 -> (0, 0, 25, 50), IoU 625 / 1875
+    assert got == pytest.approx([1.0, 1 / 3])
 
 
 def test_diagnosis_reward_synonyms_and_normal():

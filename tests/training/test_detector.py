@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 
 from monailabel_evlf.imaging.geometry import Box2D, box_iou_2d
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 from monailabel_evlf.tasks.parsing import parse_answer
 from monailabel_evlf.tasks.prompts import grounding_prompt, grounding_target
 from monailabel_evlf.training.config import DetectorConfig
 from monailabel_evlf.training.detector import copy_proposal_targets, train_detector, unique_slices
 from monailabel_evlf.training.samples import TrainingSample
+
+NATIVE = BoxCodec(BoxConvention.NORMALIZED_100)
 
 
 def _square_samples(n: int, seed: int) -> list[TrainingSample]:
@@ -23,11 +26,11 @@ def _square_samples(n: int, seed: int) -> list[TrainingSample]:
         x, y = (int(v) for v in rng.integers(2, 22, size=2))
         image[y : y + 8, x : x + 8] = 220
         box = Box2D(x, y, x + 8, y + 8, label="cyst")
-        target = grounding_target("Cyst.", [box], backend_convention(), (32, 32))
+        target = grounding_target("Cyst.", [box], NATIVE.for_image((32, 32)))
         samples.append(
             TrainingSample(
                 image=image,
-                prompt=grounding_prompt("CT"),
+                prompt=grounding_prompt("CT", None, NATIVE),
                 target=target,
                 task="grounding",
                 boxes=[box],
@@ -35,12 +38,6 @@ def _square_samples(n: int, seed: int) -> list[TrainingSample]:
             )
         )
     return samples
-
-
-def backend_convention():
-    from monailabel_evlf.model.backend import BoxConvention
-
-    return BoxConvention.NORMALIZED_100
 
 
 @pytest.fixture()
@@ -86,7 +83,7 @@ def test_copy_targets_write_the_matching_proposal(backend):
     proposals = backend.propose([s.image for s in samples])
     for before, after, props in zip(samples, copied, proposals, strict=True):
         assert after.boxes == before.boxes  # the truth the metrics use is unchanged
-        written = parse_answer(after.target, backend.box_convention, (32, 32)).boxes[0]
+        written = parse_answer(after.target, backend.box_codec.for_image((32, 32))).boxes[0]
         best = max(props, key=lambda p: box_iou_2d(p, before.boxes[0]))
         if box_iou_2d(best, before.boxes[0]) >= 0.3:
             assert np.allclose(written.as_array(), best.as_array(), atol=1e-6)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from monailabel_evlf.imaging.geometry import Box2D
-from monailabel_evlf.model.backend import BoxConvention
 from monailabel_evlf.tasks import metrics
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 from monailabel_evlf.tasks.parsing import parse_answer
 from monailabel_evlf.training.evaluate import Prediction, evaluate, group_key, reasoning_rates
 from monailabel_evlf.training.samples import TrainingSample
@@ -27,16 +27,13 @@ def _image(number: int) -> np.ndarray:
 class ScriptedBackend:
     """Answers each image with its scripted text, whatever the prompt (so every prompt variant agrees)."""
 
-    box_convention = BoxConvention.ABSOLUTE_MODEL_INPUT
+    box_codec = BoxCodec(BoxConvention.ABSOLUTE_MODEL_INPUT, lambda size: size)
 
     def __init__(self, answers: list[str]) -> None:
         self.answers = answers
 
     def eval(self) -> None:
         pass
-
-    def model_input_size(self, size):
-        return size
 
     def generate(self, images, prompts, n=1, sampling=None):
         return [[self.answers[int(image[0, 0, 0])]] * n for image in images]
@@ -123,10 +120,8 @@ def samples() -> list[TrainingSample]:
 
 
 def _predictions(samples) -> list[Prediction]:
-    return [
-        Prediction(s, case[-1], parse_answer(case[-1], BoxConvention.ABSOLUTE_MODEL_INPUT, (SIZE, SIZE), (SIZE, SIZE)))
-        for s, case in zip(samples, CASES, strict=True)
-    ]
+    codec = ScriptedBackend.box_codec.for_image((SIZE, SIZE))
+    return [Prediction(s, case[-1], parse_answer(case[-1], codec)) for s, case in zip(samples, CASES, strict=True)]
 
 
 def test_reasoning_rates_hand_counted(samples):

@@ -24,7 +24,7 @@ def backend(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def samples(backend):
-    options = SampleOptions(convention=backend.box_convention, size=(48, 48), tasks=("grounding", "diagnosis", "vqa"))
+    options = SampleOptions(box_codec=backend.box_codec, size=(48, 48), tasks=("grounding", "diagnosis", "vqa"))
     phantom = make_phantom(1, shape=(40, 40, 12), n_lesions=2, study_id="p1")
     return phantom_samples(phantom.image, phantom.affine, phantom.ground_truth, options, normal_slices=1)
 

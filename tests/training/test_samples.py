@@ -1,6 +1,7 @@
 """Samples from phantom ground truth and from corrected boxes: boxes land on the lesion, targets parse back."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from monailabel_evlf.data.phantoms import make_phantom
 from monailabel_evlf.imaging.geometry import VoxelBox
 from monailabel_evlf.imaging.volume import Volume
-from monailabel_evlf.model.backend import BoxConvention
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 from monailabel_evlf.training.samples import (
     SampleOptions,
     correction_samples,
@@ -18,7 +19,8 @@ from monailabel_evlf.training.samples import (
     phantom_samples,
 )
 
-OPTIONS = SampleOptions(convention=BoxConvention.NORMALIZED_100, size=(96, 96), tasks=("grounding", "diagnosis", "vqa"))
+NATIVE = BoxCodec(BoxConvention.NORMALIZED_100)
+OPTIONS = SampleOptions(box_codec=NATIVE, size=(96, 96), tasks=("grounding", "diagnosis", "vqa"))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_grounding_box_covers_the_lesion_pixels():
     affine = np.diag([-1.0, -1.0, 2.0, 1.0])  # flipped i and j: the display flips both
     volume = Volume(array, affine, {"modality": "CT"})
     box = VoxelBox(lo=[10, 20, 5], hi=[14, 26, 6], label="cyst")
-    options = SampleOptions(convention=BoxConvention.NORMALIZED_100, size=(32, 32), window="bone", tasks=("grounding",))
+    options = SampleOptions(box_codec=NATIVE, size=(32, 32), window="bone", tasks=("grounding",))
     sample, open_question = correction_samples(volume, [box], options)
     # the app's default open question ("every abnormality") is trained too, with the same answer
     assert "every abnormality" in open_question.prompt and "the cyst" in sample.prompt
@@ -82,7 +84,7 @@ def test_phantom_samples_tasks_and_labels(phantom):
 def test_correction_samples_central_slices():
     array = np.zeros((16, 16, 12), dtype=np.float32)
     volume = Volume(array, np.eye(4), {"modality": "CT"})
-    options = SampleOptions(convention=BoxConvention.NORMALIZED_100, size=(16, 16), tasks=("grounding",))
+    options = SampleOptions(box_codec=NATIVE, size=(16, 16), tasks=("grounding",))
     samples = correction_samples(
         volume, [VoxelBox(lo=[2, 2, 3], hi=[6, 6, 8], label="cyst")], options, slices_per_box=3
     )
@@ -91,7 +93,7 @@ def test_correction_samples_central_slices():
 
 def test_correction_samples_reject_bad_boxes():
     volume = Volume(np.zeros((8, 8, 4), dtype=np.float32), np.eye(4))
-    options = SampleOptions(convention=BoxConvention.NORMALIZED_100, size=(8, 8))
+    options = SampleOptions(box_codec=NATIVE, size=(8, 8))
     with pytest.raises(ValueError, match="no label"):
         correction_samples(volume, [VoxelBox(lo=[0, 0, 0], hi=[2, 2, 2])], options)
     with pytest.raises(ValueError, match="outside"):
@@ -110,6 +112,9 @@ def test_manifest_samples(tmp_path):
     grounding, vqa = load_samples(tmp_path, OPTIONS)
     assert grounding.image.shape == (20, 40, 3) and grounding.image_size == (40, 20)
     assert '"bbox_2d": [10, 10, 25, 40]' in grounding.target  # 4/40, 2/20, 10/40, 8/20 of 100
+    # a backend answering in pixels of its resized picture: the resize of this 40 x 20 image, not of options.size
+    absolute = replace(OPTIONS, box_codec=BoxCodec(BoxConvention.ABSOLUTE_MODEL_INPUT, lambda s: (s[0] * 2, s[1] * 3)))
+    assert '"bbox_2d": [8, 6, 20, 24]' in load_samples(tmp_path, absolute)[0].target
     assert vqa.answer == "yes" and vqa.options == ["yes", "no"]
     (tmp_path / "manifest.jsonl").write_text('{"image": "missing.png", "task": "vqa"}\n')
     with pytest.raises(ValueError, match=r"manifest\.jsonl:1"):

@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from monailabel_evlf.model.backend import BoxConvention, CompletionLogprobs, SamplingConfig
+from monailabel_evlf.model.backend import CompletionLogprobs, SamplingConfig
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 
 ALPHABET = "ab"
 
 
 class ToyBackend(torch.nn.Module):
     model_id = "toy"
-    box_convention = BoxConvention.NORMALIZED_100
+    box_codec = BoxCodec(BoxConvention.NORMALIZED_100)
 
     def __init__(self, length: int = 6, seed: int = 0):
         super().__init__()
@@ -45,9 +46,6 @@ class ToyBackend(torch.nn.Module):
                 tokens = probs.argmax(-1).expand(n, -1)
             out.append(["".join(ALPHABET[t] for t in row) for row in tokens.tolist()])
         return out
-
-    def model_input_size(self, image_size):
-        return image_size
 
     def completion_logprobs(self, images, prompts, completions):
         logp = torch.log_softmax(self.logits(), dim=-1)

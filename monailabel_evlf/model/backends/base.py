@@ -2,7 +2,7 @@
 peft LoRA adapter (trainable-parameter policy, reference policy, safetensors save / load).
 
 Subclasses say which model class to load, where LoRA goes, which modules are "connectors" (fully trained and
-saved with the adapter through peft's ``modules_to_save``), and how big the image is that the model sees.
+saved with the adapter through peft's ``modules_to_save``), and how their answers write boxes (``box_codec``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from monailabel_evlf.model.backend import BoxConvention, CompletionLogprobs, SamplingConfig
+from monailabel_evlf.model.backend import CompletionLogprobs, SamplingConfig
+from monailabel_evlf.tasks.box_codec import BoxCodec
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class HFVLMBackend:
     """A ``transformers`` image-text-to-text model + processor behind the :class:`VLMBackend` protocol."""
 
-    box_convention: ClassVar[BoxConvention]
+    box_codec: BoxCodec  # a class attribute, or a property where the codec needs the processor's resize rule
     model_class: ClassVar[type] = AutoModelForImageTextToText
     # regex over module names: LoRA on the language model's attention projections only
     default_lora_target_modules: ClassVar[str] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
@@ -190,9 +191,6 @@ class HFVLMBackend:
         return array
 
     # ----- protocol -----------------------------------------------------------------------------------------
-    def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        raise NotImplementedError
-
     @torch.inference_mode()
     def generate(
         self,

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from monailabel_evlf.imaging.geometry import Box2D
-from monailabel_evlf.model.backend import BoxConvention
 from monailabel_evlf.model.backends.base import HFVLMBackend
 from monailabel_evlf.model.detection import DetectionTarget, box_numbers
 from monailabel_evlf.model.modeling_evlf import EVLFForConditionalGeneration
 from monailabel_evlf.model.processing_evlf import IMAGE_TOKEN, image_to_float_rgb
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 
 
 class EVLFBackend(HFVLMBackend):
@@ -23,7 +23,7 @@ class EVLFBackend(HFVLMBackend):
     (nothing pretrained to preserve), wrong for pretrained encoders, which the paper keeps frozen.
     """
 
-    box_convention: ClassVar[BoxConvention] = BoxConvention.NORMALIZED_100
+    box_codec: ClassVar[BoxCodec] = BoxCodec(BoxConvention.NORMALIZED_100)
     model_class: ClassVar[type] = EVLFForConditionalGeneration
     default_lora_target_modules: ClassVar[str] = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
     default_connectors: ClassVar[tuple[str, ...]] = ("disease_connector", "pixel_connector")
@@ -85,17 +85,14 @@ class EVLFBackend(HFVLMBackend):
         out = []
         for image, rows, row_scores, row_labels in zip(images, numbers, scores, labels, strict=True):
             height, width = np.asarray(image).shape[:2]
+            codec = self.box_codec.for_image((width, height))
             out.append(
                 [
-                    Box2D(x1 * width / 100, y1 * height / 100, x2 * width / 100, y2 * height / 100, names[n], float(p))
-                    for (x1, y1, x2, y2), p, n in zip(rows, row_scores, row_labels, strict=True)
+                    Box2D(*codec.to_pixels(row), names[n], float(p))
+                    for row, p, n in zip(rows, row_scores, row_labels, strict=True)
                 ]
             )
         return out
-
-    def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """The pixel encoder's square input (both encoders resize the whole slice; answers are 0..100 anyway)."""
-        return self.processor.pixel_size, self.processor.pixel_size
 
     def extra_forward_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Positions counted from the first real token, as ``generate`` does for left-padded prompts."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from monailabel_evlf.model.backend import BoxConvention
 from monailabel_evlf.model.backends.qwen2_5_vl import Qwen25VLBackend
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 
 
 class Qwen3VLBackend(Qwen25VLBackend):
     """Any Qwen3-VL checkpoint via the auto classes; same LoRA / merger policy as Qwen2.5-VL."""
 
-    box_convention: ClassVar[BoxConvention] = BoxConvention.NORMALIZED_1000
+    # replaces Qwen2.5-VL's codec property: 0..1000 of the picture whatever its resize
+    box_codec: ClassVar[BoxCodec] = BoxCodec(BoxConvention.NORMALIZED_1000)
