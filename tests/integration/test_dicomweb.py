@@ -232,3 +232,30 @@ def test_saved_markups_become_a_manual_seg_correction(server, orthanc, phantoms,
     # a person's correction labels the study: active learning has nothing left to offer
     response = requests.post(f"{server}/activelearning/first", json={}, timeout=120)
     assert response.status_code in (200, 404) and response.json().get("id") != image, response.text
+
+
+@pytest.fixture(scope="module")
+def tiny_server(orthanc, phantoms, tmp_path_factory) -> str:
+    """A trainable (tiny, random) model on the same Orthanc, its adapters in a temp folder."""
+    cache, adapters = tmp_path_factory.mktemp("dicomweb-cache-tiny"), tmp_path_factory.mktemp("adapters")
+    conf = {"model": "tiny", "image_size": "64", "max_slices": "6", "max_new_tokens": "24", "adapters": str(adapters)}
+    env = {"MONAI_LABEL_DATASTORE_CACHE_PATH": str(cache)}
+    with running_server(orthanc, conf, timeout=240, env=env) as url:
+        yield url
+
+
+def test_training_reads_the_correction_from_orthanc(tiny_server, phantoms):
+    """After the MANUAL SEG correction above: evlf_train reads it from Orthanc and saves a new adapter version."""
+    response = requests.post(
+        f"{tiny_server}/train/evlf_train", json={"method": "grpo", "steps": 1, "gate": False}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 400
+    while (status := requests.get(f"{tiny_server}/train/", timeout=30).json()).get("status") not in ("DONE", "ERROR"):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    details = "\n".join(status.get("details", []))
+    assert status["status"] == "DONE", details[-3000:]
+    assert "unsupported label file" not in details
+    stats = requests.get(f"{tiny_server}/info/", timeout=30).json()["train_stats"]["evlf_train"]
+    assert stats["adapter_versions"] == ["v0001"], stats
