@@ -6,7 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from monailabel_evlf.annotations.dicom_common import order_slices
+from monailabel_evlf.annotations.dicom_common import is_model_output, order_slices
 from monailabel_evlf.annotations.dicom_seg import read_segmentation_boxes, write_segmentation
 from monailabel_evlf.imaging.geometry import VoxelBox
 
@@ -95,3 +95,15 @@ def test_reading_something_else_raises_value_error(ct_series) -> None:
         read_segmentation_boxes(ct_series[0], ct_series)
     with pytest.raises(ValueError, match="not in the series"):
         write_segmentation(BOXES, ct_series, slice_uid_order=["1.2.3"])
+
+
+def test_manual_segmentation_is_a_correction_and_validates(ct_series, tmp_path, dciodvfy_errors) -> None:
+    """A correction saved through the app is MANUAL (no algorithm); the model's own SEG is AUTOMATIC."""
+    path = tmp_path / "manual.dcm"
+    write_segmentation(BOXES, ct_series, manual=True).save_as(path)
+    assert dciodvfy_errors(path) == []
+    manual = pydicom.dcmread(path)
+    assert {s.SegmentAlgorithmType for s in manual.SegmentSequence} == {"MANUAL"}
+    assert not is_model_output(manual)
+    assert is_model_output(write_segmentation(BOXES, ct_series))
+    assert sorted(map(_key, read_segmentation_boxes(manual, ct_series))) == sorted(map(_key, BOXES))

@@ -12,7 +12,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from monailabel_evlf.annotations.dicom_common import order_slices
+from monailabel_evlf.annotations.dicom_common import is_model_output, order_slices
 from monailabel_evlf.annotations.dicom_sr import SliceFinding, read_sr_boxes, read_sr_summary, write_measurement_report
 from monailabel_evlf.imaging.geometry import Box2D
 
@@ -361,3 +361,8 @@ def test_report_is_comprehensive_sr_with_cornerstone_tracking(report_path) -> No
     assert trackers and set(trackers) == {"Cornerstone3DTools@^0.1.0:RectangleROI"}
     algorithms = [str(i.TextValue) for g in groups for i in _walk(g) if _named(i, "111001")]  # Algorithm Name
     assert len(algorithms) == len(groups)
+
+
+def test_our_sr_is_model_output_and_ohif_sr_is_a_correction(report_path, ct_series) -> None:
+    assert is_model_output(pydicom.dcmread(report_path))
+    assert not is_model_output(ohif_sr(ct_series, [(1, "POLYLINE", OHIF_RECTANGLE, "cyst")], sop_class=ENHANCED_SR))
