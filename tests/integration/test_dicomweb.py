@@ -234,6 +234,34 @@ def test_saved_markups_become_a_manual_seg_correction(server, orthanc, phantoms,
     assert response.status_code in (200, 404) and response.json().get("id") != image, response.text
 
 
+@pytest.mark.filterwarnings("ignore:The value length")  # OHIF's 19-character free-text code value
+def test_an_ohif_style_enhanced_sr_is_stored_as_the_newest_correction(server, orthanc, phantoms, tmp_path):
+    """An Enhanced SR laid out as OHIF 3.x writes it (label in a free-text Finding Site code; built by the
+    hand-made fixture of tests/annotations/test_dicom_sr.py, not by a running OHIF) is taken as a correction."""
+    from tests.annotations.test_dicom_sr import ENHANCED_SR, ohif_sr
+
+    root, sidecar = phantoms
+    image = sidecar["dicom"]["series_instance_uid"]
+    series = [pydicom.dcmread(p) for p in sorted((root / "dicom").rglob("*.dcm"))]
+    groups = []
+    for lesion in sidecar["lesions"]:
+        lo, hi = lesion["voxel_box"]["lo"], lesion["voxel_box"]["hi"]
+        x1, y1, x2, y2 = float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+        rectangle = [x1, y1, x2, y1, x2, y2, x1, y2, x1, y1]
+        groups.append(((lo[2] + hi[2]) // 2, "POLYLINE", rectangle, lesion["label"]))
+    sr = ohif_sr(series, groups, site_scheme="CORNERSTONEJS", sop_class=ENHANCED_SR)
+    sr.ContentDate, sr.ContentTime = "29991231", "235959"  # newer than the SEG correction saved above
+    sr.save_as(tmp_path / "ohif.dcm", write_like_original=False)
+    response = _put_label(server, image, tmp_path / "ohif.dcm")
+    assert response.status_code == 200, response.text
+
+    study_uid = sidecar["dicom"]["study_instance_uid"]
+    people = [ds for ds in _stored_series(orthanc, study_uid, "SR") if not is_model_output(ds)]
+    assert [str(ds.SOPInstanceUID) for ds in people] == [str(sr.SOPInstanceUID)]
+    got = {(f.k, f.box.x1, f.box.y1, f.box.x2, f.box.y2, f.label) for f in read_sr_boxes(people[0], series)}
+    assert got == _truth_on_central_slices(sidecar)
+
+
 @pytest.fixture(scope="module")
 def tiny_server(orthanc, phantoms, tmp_path_factory) -> str:
     """A trainable (tiny, random) model on the same Orthanc, its adapters in a temp folder."""
@@ -245,7 +273,7 @@ def tiny_server(orthanc, phantoms, tmp_path_factory) -> str:
 
 
 def test_training_reads_the_correction_from_orthanc(tiny_server, phantoms):
-    """After the MANUAL SEG correction above: evlf_train reads it from Orthanc and saves a new adapter version."""
+    """After the corrections above: evlf_train reads the newest one (the OHIF-style SR) from Orthanc -> new adapter."""
     response = requests.post(
         f"{tiny_server}/train/evlf_train", json={"method": "grpo", "steps": 1, "gate": False}, timeout=60
     )
