@@ -156,15 +156,11 @@ def detection_loss(
         return {**losses, "box": zero, "label": zero, "site": zero, "quality": zero}
     device = maps.device
     weight, truth = (t.to(device) for t in _regression_targets(targets, side))
-    ys, xs = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
-    cell = torch.stack([xs, ys]).float().add(0.5).unsqueeze(0)  # (1, 2, H, W) cell centres
-    edges = torch.exp(parts["log_edges"])
-    decoded = torch.cat([cell - edges[:, :2], cell + edges[:, 2:]], dim=1) / side  # (B, 4, H, W) fractions
+    cell = _cell_centres(side, device)
+    decoded = _decode_maps(parts)
     edges_target = torch.cat([cell - truth[:, :2] * side, truth[:, 2:] * side - cell], dim=1)
     l1 = (parts["log_edges"] - torch.log(edges_target.clamp(min=0.25))).abs().mean(dim=1)
-    giou = generalized_box_iou_loss(
-        _cells_as_rows(decoded.clamp(0.0, 1.0)), _cells_as_rows(truth), reduction="none"
-    ).view_as(weight)
+    giou = generalized_box_iou_loss(_cells_as_rows(decoded), _cells_as_rows(truth), reduction="none").view_as(weight)
     losses["box"] = ((giou + l1) * weight).sum() / len(centres)
     cb, cy, cx = (torch.tensor(v, device=device) for v in zip(*centres, strict=True))
     label_t = torch.tensor(labels, device=device)
@@ -177,7 +173,7 @@ def detection_loss(
     keep = (site_t >= 0) & torch.tensor(site_ok, device=device)
     losses["site"] = F.cross_entropy(parts["site"][cb, :, cy, cx][keep], site_t[keep]) if keep.any() else zero
     centre_truth = torch.stack([t for target in targets for t in target.boxes]).to(device)
-    iou = box_iou(_decode_cells(parts, cb, cy, cx, side).detach(), centre_truth).diagonal()
+    iou = box_iou(decoded[cb, :, cy, cx].detach(), centre_truth).diagonal()
     losses["quality"] = F.binary_cross_entropy_with_logits(parts["quality"][cb, cy, cx], iou)
     return losses
 
@@ -187,13 +183,17 @@ def _cells_as_rows(boxes: torch.Tensor) -> torch.Tensor:
     return boxes.permute(0, 2, 3, 1).reshape(-1, 4)
 
 
-def _decode_cells(
-    parts: dict[str, torch.Tensor], b: torch.Tensor, y: torch.Tensor, x: torch.Tensor, side: int
-) -> torch.Tensor:
-    """Boxes (fractions) predicted at the given cells: the cell centre minus / plus its edge distances."""
-    edges = torch.exp(parts["log_edges"][b, :, y, x])
-    centre = torch.stack([x, y], dim=1).float() + 0.5
-    return (torch.cat([centre - edges[:, :2], centre + edges[:, 2:]], dim=1) / side).clamp(0.0, 1.0)
+def _cell_centres(side: int, device: torch.device) -> torch.Tensor:
+    """``(1, 2, H, W)``: each cell's centre (x, y) in grid cells."""
+    ys, xs = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+    return torch.stack([xs, ys]).float().add(0.5).unsqueeze(0)
+
+
+def _decode_maps(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(B, 4, H, W)``: the box (fractions of the image) each cell predicts, its centre minus / plus its edges."""
+    side = parts["log_edges"].shape[-1]
+    cell, edges = _cell_centres(side, parts["log_edges"].device), torch.exp(parts["log_edges"])
+    return (torch.cat([cell - edges[:, :2], cell + edges[:, 2:]], dim=1) / side).clamp(0.0, 1.0)
 
 
 def mirror_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -232,7 +232,7 @@ def decode_proposals(
     scores, flat = peaks.flatten(1).topk(k, dim=1)
     y, x = flat // side, flat % side
     b = torch.arange(batch, device=maps.device).unsqueeze(1).expand_as(flat)
-    boxes = _decode_cells(parts, b.reshape(-1), y.reshape(-1), x.reshape(-1), side).view(batch, k, 4)
+    boxes = _decode_maps(parts).permute(0, 2, 3, 1)[b, y, x]
     return Proposals(
         boxes=boxes,
         scores=scores,
