@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 BENCH_MODULES: tuple[str, ...] = (
     "monailabel_evlf.app.bench",
     "monailabel_evlf.training.learning_loop",
+    "monailabel_evlf.training.detector_bench",
 )
 
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _register_all(subparsers, COMMAND_MODULES)
-    bench = subparsers.add_parser("bench", help="benchmarks (speed, learning loop)")
+    bench = subparsers.add_parser("bench", help="benchmarks (speed, learning loop, detector)")
     _register_all(bench.add_subparsers(dest="bench", required=True), BENCH_MODULES)
     return parser
 
