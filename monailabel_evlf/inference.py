@@ -33,11 +33,9 @@ from monailabel_evlf.imaging.slicing import (
 )
 from monailabel_evlf.imaging.volume import Volume
 from monailabel_evlf.model.backend import SamplingConfig, VLMBackend
-from monailabel_evlf.tasks.labels import LabelMatcher
+from monailabel_evlf.tasks.labels import NORMAL_LABEL, LabelMatcher
 from monailabel_evlf.tasks.parsing import ParsedAnswer, parse_answer
 from monailabel_evlf.tasks.prompts import diagnosis_prompt, grounding_prompt, vqa_prompt
-
-NORMAL_LABEL = "normal"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from monailabel_evlf.imaging.geometry import (
     voxel_to_world,
     world_to_voxel,
 )
+from monailabel_evlf.tasks.labels import NORMAL_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ LESION_KINDS: tuple[str, ...] = ("cyst", "hyperdense lesion", "ring-enhancing le
 # organ_map value = index + 1
 ORGANS: tuple[str, ...] = ("liver", "spleen", "right kidney", "left kidney")
 ORIENTATIONS: tuple[str, ...] = ("identity", "flipped", "oblique")
-NORMAL_LABEL = "normal"
 DEFAULT_SHAPE: tuple[int, int, int] = (96, 96, 40)
 GROUND_TRUTH_DIR = "ground_truth"
 DICOM_DIR = "dicom"

@@ -22,9 +22,9 @@ from monailabel_evlf.imaging.geometry import Box2D, VoxelBox
 from monailabel_evlf.imaging.slicing import RenderedSlice, choose_axis, render_slices, voxel_box_to_slice_box
 from monailabel_evlf.imaging.volume import Volume
 from monailabel_evlf.tasks.box_codec import BoxCodec
+from monailabel_evlf.tasks.labels import NORMAL_LABEL
 
 TASKS = ("grounding", "diagnosis", "vqa")
-NORMAL_LABEL = "normal"
 NO_FINDING_REASONING = "No focal lesion is seen in this slice."
 
 
