@@ -30,9 +30,10 @@ $(STUDIES)/.complete: | $(VENV)/.installed
 	$(BIN)/evlf make-sample-data $(STUDIES) --dicom
 	touch $@
 
-# MONAI Label's `monailabel` launcher runs the first `python` on PATH, so the environment goes first.
+# `evlf serve` (monailabel_evlf/app/commands.py) runs MONAI Label's start_server with this venv's python on apps/evlf,
+# the same way an installed wheel serves (there on its bundled app and demo model).
 serve: env sample-data
-	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/monailabel start_server --app apps/evlf --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
+	HF_HUB_OFFLINE=1 $(BIN)/evlf serve --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
 
 test: env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

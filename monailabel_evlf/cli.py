@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 # module -> function ``register(subparsers)`` adding its sub-commands (each sets ``func=callable(args) -> int``)
 COMMAND_MODULES: tuple[str, ...] = (
+    "monailabel_evlf.app.commands",
     "monailabel_evlf.data.commands",
     "monailabel_evlf.model.commands",
     "monailabel_evlf.training.commands",

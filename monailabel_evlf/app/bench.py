@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -124,17 +122,15 @@ def running_server(
     ``studies`` is a folder or a DICOMweb URL; ``env`` adds environment variables (MONAI Label settings)."""
     import requests
 
+    from monailabel_evlf.app.commands import prepare_app_dir, server_command, server_env
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app_dir = Path(__file__).resolve().parents[2] / "apps" / "evlf"
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir)]
-    cmd += ["--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in conf.items():
-        cmd += ["--conf", key, value]
+    cmd = server_command(prepare_app_dir(), studies, "127.0.0.1", port, conf)
     url = f"http://127.0.0.1:{port}"
     with tempfile.NamedTemporaryFile("w", suffix=".log", prefix="evlf-bench-server-", delete=False) as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(env))
         try:
             deadline = time.monotonic() + timeout
             while True:

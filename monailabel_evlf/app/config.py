@@ -11,13 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
+from monailabel_evlf import paths
 from monailabel_evlf.app.security import Limits, truth
 from monailabel_evlf.tasks.labels import NORMAL_LABEL
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL_DIR = REPO_ROOT / "models" / "evlf-demo"
+DEMO_MODEL_DIR = paths.demo_model_dir()
 DEFAULT_LABELS: tuple[str, ...] = ("cyst", "hyperdense lesion", "ring-enhancing lesion")
 DTYPES = ("float32", "float16", "bfloat16")
 OUTPUTS = ("markups", "labelmap", "json", "dicom_sr", "dicom_seg")

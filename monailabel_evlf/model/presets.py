@@ -1,9 +1,9 @@
 """Model presets: short names (``tiny``, ``demo``, ``qwen2_5_vl-3b`` ...) for the YAML files in configs/models/.
 
 A preset names its backend and either a ``model`` (hub id, absolute directory, or ``./dir`` relative to the
-repository root), a ``build`` (an offline tiny builder, run once per process into a temporary directory) or an
-``assemble`` recipe (real-size EVLF from public checkpoints, see :mod:`monailabel_evlf.model.assemble`; run it once,
-then serve the output directory).
+checkout or an installed wheel's bundle, see :mod:`monailabel_evlf.paths`), a ``build`` (an offline tiny builder,
+run once per process into a temporary directory) or an ``assemble`` recipe (real-size EVLF from public
+checkpoints, see :mod:`monailabel_evlf.model.assemble`; run it once, then serve the output directory).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PRESETS_DIR = REPO_ROOT / "configs" / "models"
+from monailabel_evlf import paths
+
+PRESETS_DIR = paths.configs_dir() / "models"
 _PRESET_KEYS = {"backend", "model", "build", "assemble", "options"}
 _built: dict[str, Path] = {}
 
@@ -92,6 +93,6 @@ def model_location(preset: Preset) -> str:
             f"preset {preset.name!r} is a recipe: run `evlf assemble-model configs/models/{preset.name}.yaml OUT` "
             "once, then use --conf model OUT"
         )
-    if preset.model.startswith(("./", "../")):  # repository-relative directory; anything else: path or hub id
-        return str((REPO_ROOT / preset.model).resolve())
+    if preset.model.startswith(("./", "../")):  # relative to the checkout or the wheel's bundle; else path or hub id
+        return str((paths.resource_root() / preset.model).resolve())
     return preset.model

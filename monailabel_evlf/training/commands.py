@@ -7,9 +7,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from monailabel_evlf.paths import configs_dir
+
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "training"
+CONFIG_DIR = configs_dir() / "training"
 DEFAULT_MODEL = "models/evlf-demo"
 
 
