@@ -18,16 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
-import pydicom
-from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from monailabel_evlf.annotations.slicer_markups import read_roi_markups
+from monailabel_evlf.annotations import formats
 from monailabel_evlf.app.config import DEFAULT_LABELS
 from monailabel_evlf.app.security import (
+    VOLUME_SUFFIXES,
     Limits,
     check_id,
     check_json_object,
@@ -39,97 +36,29 @@ from monailabel_evlf.app.security import (
     volume_suffix,
 )
 from monailabel_evlf.atomic import write_atomic
-from monailabel_evlf.imaging.geometry import world_box_to_voxel
 from monailabel_evlf.imaging.volume import load_volume
 
 logger = logging.getLogger(__name__)
 
-MARKUPS_SUFFIXES = (".json",)
-IMAGE_LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
-DICOM_LABEL_SUFFIXES = (".dcm",)
-_AFFINE_ATOL_MM = 1e-3
-
 
 def label_suffix(name: str) -> str:
-    """The label format of a file name; 422 for anything the train task cannot read."""
-    lowered = Path(name).name.lower()
-    for suffix in (*IMAGE_LABEL_SUFFIXES, *MARKUPS_SUFFIXES, *DICOM_LABEL_SUFFIXES):
-        if lowered.endswith(suffix):
-            return suffix
-    supported = ", ".join((*MARKUPS_SUFFIXES, *IMAGE_LABEL_SUFFIXES, *DICOM_LABEL_SUFFIXES))
-    raise refuse(422, f"unsupported label format {Path(name).name[:80]!r}; use {supported}")
-
-
-def _check_markups(label_path: str, image: Any, targets: Sequence[str], limits: Limits) -> None:
+    """The label format's suffix of a file name; 415 for anything the train task cannot read."""
     try:
-        boxes = read_roi_markups(label_path)
-    except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as exc:
-        raise refuse(422, f"malformed 3D Slicer markups JSON: {exc}") from None
-    if len(boxes) > limits.max_rois:
-        raise refuse(422, f"{len(boxes)} ROIs in one label; the limit is {limits.max_rois}")
-    known = {t.lower(): t for t in targets}
-    for n, box in enumerate(boxes, 1):
-        if not box.label or box.label.strip().lower() not in known:
-            raise refuse(422, f"ROI {n} has finding label {box.label!r}; name each ROI one of: {', '.join(targets)}")
-        if np.any(box.size <= 0):
-            raise refuse(422, f"ROI {n} ({box.label}) has zero size {box.size.tolist()}")
-        if image is not None:
-            voxel = world_box_to_voxel(box, image.affine)
-            if np.any(np.asarray(voxel.hi) <= 0) or np.any(np.asarray(voxel.lo) >= np.asarray(image.shape)):
-                raise refuse(422, f"ROI {n} ({box.label}) lies outside the image")
-
-
-def _check_labelmap(label_path: str, image: Any, targets: Sequence[str], limits: Limits) -> None:
-    try:
-        check_volume_file(label_path, limits)
-    except HTTPException as exc:
-        raise refuse(exc.status_code, f"unreadable label map: {exc.detail}") from None
-    if label_path.lower().endswith((".nii", ".nii.gz")):
-        kind = nib.load(label_path).header.get_data_dtype().kind
-        if kind not in "iub":
-            raise refuse(422, "a label map must hold integers (its data type is floating point)")
-    try:
-        label = load_volume(label_path, dtype=np.float64)
-    except Exception as exc:  # ITK raises RuntimeError on corrupt files, ValueError on non-3D
-        raise refuse(422, f"unreadable label map ({type(exc).__name__})") from None
-    values = label.array
-    if not np.array_equal(values, np.round(values)):
-        raise refuse(422, "a label map must hold integers")
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if low < 0 or high > len(targets):
-        raise refuse(422, f"label values must lie in 0..{len(targets)} (one per finding), got {low:g}..{high:g}")
-    if image is not None:
-        if label.shape != image.shape:
-            raise refuse(422, f"label map shape {label.shape} does not match the image's {image.shape}")
-        if not np.allclose(label.affine, image.affine, atol=_AFFINE_ATOL_MM):
-            raise refuse(422, "label map geometry (origin, spacing, directions) does not match the image")
+        return formats.label_suffix(name)
+    except formats.LabelRefused as exc:
+        raise refuse(exc.status, str(exc)) from None
 
 
 def check_label_file(
     label_path: str, image_path: str, targets: Sequence[str] = DEFAULT_LABELS, limits: Limits = Limits()
 ) -> None:
-    """422 unless the label is something training can use on this image: Slicer ROI markups naming known
-    findings inside the image, an integer label map on the image's grid, or a DICOM SR / SEG of a DICOM study."""
-    if not os.path.isfile(label_path) or os.path.getsize(label_path) == 0:
-        raise refuse(422, "the label file is empty")
-    suffix = label_suffix(label_path)
-    if suffix in DICOM_LABEL_SUFFIXES:
-        try:
-            modality = pydicom.dcmread(label_path, stop_before_pixels=True).get("Modality")
-        except Exception:  # pydicom raises several error types on truncated files
-            raise refuse(422, "unreadable DICOM label") from None
-        if not os.path.isdir(image_path):  # before the modality: no DICOM object is usable on a volume-file study
-            raise refuse(422, "a DICOM SR / SEG label needs a DICOM study; this image is a volume file")
-        if modality not in ("SR", "SEG"):
-            raise refuse(422, f"a DICOM label must be an SR or SEG, got modality {modality!r}")
-        return
-    image = load_volume(image_path) if image_path and os.path.isfile(image_path) else None
-    if suffix in MARKUPS_SUFFIXES:
-        if os.path.getsize(label_path) > limits.max_json_bytes:
-            raise refuse(413, f"markups JSON larger than {limits.max_json_bytes} bytes")
-        _check_markups(label_path, image, targets, limits)
-    else:
-        _check_labelmap(label_path, image, targets, limits)
+    """4xx unless the label is something training can use on this image: Slicer ROI markups naming known
+    findings inside the image, an integer label map on the image's grid, or a DICOM SR / SEG of a DICOM study
+    (each format's checks: :mod:`monailabel_evlf.annotations.formats`)."""
+    try:
+        formats.check_label(label_path, formats.LabelCheck(image_path, targets, limits))
+    except formats.LabelRefused as exc:
+        raise refuse(exc.status, str(exc)) from None
 
 
 class CheckedLocalDatastore(LocalDatastore):
@@ -176,7 +105,7 @@ class CheckedLocalDatastore(LocalDatastore):
         suffix = volume_suffix(image_filename)
         check_id(image_id)
         if image_id in self._datastore.objects or any(
-            (self._root / f"{image_id}{ext}").exists() for ext in IMAGE_LABEL_SUFFIXES
+            (self._root / f"{image_id}{ext}").exists() for ext in VOLUME_SUFFIXES
         ):
             raise refuse(409, f"image {image_id!r} already exists; delete it first or choose another id")
         check_volume_file(image_filename, self.limits)

@@ -7,21 +7,15 @@ folder); with a DICOMweb datastore they are stored back through STOW-RS for OHIF
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 from fastapi import HTTPException
 
-from monailabel_evlf.annotations.dicom_seg import write_segmentation
-from monailabel_evlf.annotations.dicom_sr import SliceFinding, write_measurement_report
-from monailabel_evlf.annotations.labelmaps import boxes_to_labelmap, label_values, save_labelmap
-from monailabel_evlf.annotations.slicer_markups import write_roi_markups
-from monailabel_evlf.imaging.geometry import Box2D, VoxelBox
+from monailabel_evlf.annotations import formats
 from monailabel_evlf.inference import VolumeResult
 
 logger = logging.getLogger(__name__)
@@ -32,22 +26,6 @@ def temp_path(suffix: str) -> Path:
     handle, name = tempfile.mkstemp(suffix=suffix, prefix="evlf-")
     os.close(handle)
     return Path(name)
-
-
-def _box_description(result: VolumeResult, number: int) -> str:
-    """What a reader sees on the ROI: the label and the model's reasoning for that box."""
-    box = result.voxel_boxes[number]
-    reasoning = result.box_reasoning(number)
-    return f"{box.label or 'finding'}: {reasoning}" if reasoning else box.label or "finding"
-
-
-def central_slice_finding(box: VoxelBox, reasoning: str = "") -> SliceFinding:
-    """A 3D box as one SR rectangle on its central slice ``k`` (DICOM pixel (column, row) = voxel (i, j))."""
-    k = math.floor((float(box.lo[2]) + float(box.hi[2])) / 2)
-    rect = Box2D(
-        float(box.lo[0]), float(box.lo[1]), float(box.hi[0]), float(box.hi[1]), label=box.label, score=box.score
-    )
-    return SliceFinding(k=k, box=rect, label=box.label or "finding", score=box.score, text=reasoning)
 
 
 def _source_series(volume) -> list[pydicom.Dataset]:
@@ -87,47 +65,30 @@ def write_output(
     output: str, result: VolumeResult, volume, datastore, adapter_version: str
 ) -> tuple[str | None, dict[str, Any]]:
     """The result file for ``output`` (``None`` when the answer is JSON only) and extra result-JSON fields."""
-    boxes = result.voxel_boxes
-    if output == "json":
+    fmt = formats.for_output(output)
+    if fmt is None:
         return None, {}
-    if output == "markups":
-        path = temp_path(".json")
-        descriptions = [_box_description(result, n) for n in range(len(boxes))]
-        write_roi_markups(result.world_boxes, path, descriptions=descriptions)
-        return str(path), {}
-    if output == "labelmap":
-        if boxes:
-            values = label_values([b.label or "finding" for b in boxes])
-            labelmap, names = boxes_to_labelmap(boxes, volume.array.shape, values)
-        else:
-            labelmap, names = np.zeros(volume.array.shape, dtype=np.int16), {}
-        path = temp_path(".nii.gz")
-        save_labelmap(labelmap, volume.affine, path)
-        return str(path), {"label_names": {str(k): v for k, v in names.items()}}
-    # DICOM outputs
+    boxes = result.voxel_boxes
+    annotation = formats.Annotation(
+        boxes=boxes,
+        volume=volume,
+        texts=[result.box_reasoning(n) for n in range(len(boxes))],
+        diagnosis=result.labels,
+        reasoning=result.reasoning,
+        algorithm_name=result.model_id[:64],
+        algorithm_version=adapter_version,
+    )
+    if fmt.write is not None:
+        path = temp_path(fmt.suffixes[0])
+        return str(path), fmt.write(annotation, path)
+    # DICOM outputs reference the source series and are stored back when the datastore is DICOMweb
     if not boxes:
         return None, {"dicom": None, "note": f"no finding: no {output} written"}
-    series = _source_series(volume)
-    order = list(volume.meta["sop_instance_uids"])
-    model_id = result.model_id
-    if output == "dicom_sr":
-        findings = [central_slice_finding(b, result.box_reasoning(n)) for n, b in enumerate(boxes)]
-        dataset = write_measurement_report(
-            findings,
-            series,
-            diagnosis=result.labels,
-            reasoning=result.reasoning,
-            slice_uid_order=order,
-            algorithm_name=model_id[:64],
-            algorithm_version=adapter_version,
-        )
-    else:
-        dataset = write_segmentation(
-            boxes, series, slice_uid_order=order, algorithm_name=model_id[:64], algorithm_version=adapter_version
-        )
+    annotation.series = _source_series(volume)
+    dataset = fmt.encode(annotation)
     stored = store_dicom(datastore, dataset)
     if stored is not None:
         return None, {"dicom": stored}
-    path = temp_path(".dcm")
+    path = temp_path(fmt.suffixes[0])
     dataset.save_as(str(path))
     return str(path), {"dicom": {"stored": None, "sop_instance_uid": str(dataset.SOPInstanceUID)}}
