@@ -157,9 +157,22 @@ def _unit_scale(markup: Mapping[str, Any], where: str) -> float:
     return _UNIT_SCALE_TO_MM[unit]
 
 
+def _without_auto_number(label: str, label_format: Any) -> str:
+    """The node name in a control-point label Slicer generated from the markup's ``labelFormat``.
+
+    Slicer labels a new control point by ``labelFormat`` (default ``%N-%d``: node name, running number), and the
+    node name itself is not saved: an ROI a reader draws and names "cyst" is written with the label "cyst-1".
+    """
+    if not isinstance(label_format, str) or "%N" not in label_format:
+        return label
+    pattern = re.escape(label_format).replace("%N", "(?P<name>.+?)").replace("%d", "[0-9]+")
+    match = re.fullmatch(pattern, label)
+    return match["name"] if match else label
+
+
 def _label_text_score(markup: Mapping[str, Any]) -> tuple[str, float | None]:
     points = markup.get("controlPoints") or [{}]
-    label = points[0].get("label", "")
+    label = _without_auto_number(points[0].get("label", ""), markup.get("labelFormat", "%N-%d"))
     if label in ("", "ROI"):  # Slicer's and MONAI Label's placeholder label
         monai_label = markup.get("label")
         label = monai_label.get("value", "") if isinstance(monai_label, Mapping) else ""

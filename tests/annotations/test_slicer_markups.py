@@ -133,6 +133,23 @@ def test_all_rois_of_a_save_label_file_are_read_and_other_markups_skipped() -> N
     assert [b.label for b in read_roi_markups(json.dumps(doc))] == ["a", "b"]
 
 
+@pytest.mark.parametrize(
+    ("label", "label_format", "finding"),
+    [
+        ("cyst-1", "%N-%d", "cyst"),  # what Slicer 5.13 writes for a new ROI node named "cyst"
+        ("hyperdense lesion-12", "%N-%d", "hyperdense lesion"),
+        ("ring-enhancing lesion", "%N-%d", "ring-enhancing lesion"),  # a set label is kept as it is
+        ("cyst_3", "%N_%d", "cyst"),
+        ("cyst-1", "%d", "cyst-1"),  # a format without the node name: nothing to undo
+    ],
+)
+def test_slicers_automatic_control_point_label_gives_the_node_name(label, label_format, finding) -> None:
+    doc = json.loads(json.dumps(SLICER_RAS_FILE))
+    doc["markups"][0]["labelFormat"] = label_format
+    doc["markups"][0]["controlPoints"][0]["label"] = label
+    assert read_roi_markups(doc)[0].label == finding
+
+
 def test_micrometre_units_and_bounding_box_rois() -> None:
     doc = {
         "@schema": "x",
