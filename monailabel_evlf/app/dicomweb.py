@@ -296,6 +296,26 @@ class EVLFDICOMwebDatastore(DICOMWebDatastore):
         self._checked_boxes(label_filename, volume)
         return dataset
 
+    def check_correction(self, label_filename: str) -> tuple[str, pydicom.Dataset]:
+        """The image series a DICOM SR / SEG file corrects and its dataset, checked as :meth:`save_label` checks
+        one (4xx with the reason): for corrections sent as STOW-RS bodies (OHIF's "Create SR" through MONAI
+        Label's DICOMweb proxy), which never pass through ``save_label``."""
+        try:
+            head = pydicom.dcmread(label_filename, stop_before_pixels=True)
+        except Exception:  # pydicom raises several error types on truncated files
+            raise refuse(422, "unreadable DICOM label") from None
+        image_id = self._image_series_of(head, str(head.get("StudyInstanceUID", "")), set(self.list_images()))
+        if image_id is None:
+            raise refuse(422, "the SR / SEG references no image series of a study in this datastore")
+        return image_id, self._checked_dicom(label_filename, load_volume(self.get_image_uri(image_id)))
+
+    def store_corrections(self, datasets: Sequence[pydicom.Dataset]) -> pydicom.Dataset:
+        """One STOW-RS request for corrections :meth:`check_correction` passed; the server's answer."""
+        answer = self._client.store_instances(datasets=list(datasets))
+        for dataset in datasets:
+            self._meta.pop(str(dataset.SeriesInstanceUID), None)
+        return answer
+
     @staticmethod
     def _study_of(volume: Any) -> str:
         for path in sorted(Path(volume.meta["source"]).rglob("*")):

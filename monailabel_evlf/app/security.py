@@ -7,7 +7,9 @@ never a server path), so the app can refuse it before a file is read, written or
 
 from __future__ import annotations
 
+import email.message
 import gzip
+import io
 import json
 import math
 import os
@@ -22,7 +24,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import nibabel as nib
+import pydicom
 from fastapi import HTTPException
+from requests_toolbelt.multipart.decoder import (
+    ImproperBodyPartContentException,
+    MultipartDecoder,
+    NonMultipartContentTypeException,
+)
 
 # one id / tag alphabet for the whole server: no separators, no dot-dot, no leading dot or dash, bounded length
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -41,6 +49,19 @@ _CHUNK = 1 << 20
 TRAIN_PARAMS = ("client_id", "gate", "label_tag", "method", "steps")  # 3D Slicer adds client_id
 # absolute POSIX paths of two or more components, as readers and tracebacks print them
 _PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+@~-]+/)+[\w.+@~-]*")
+# what a STOW-RS request may store: corrections training reads (SR measurement reports, SEG). Comprehensive 3D SR
+# is what dcmjs (OHIF's SR writer) has long written; its 2D image regions are read like the others'.
+STOW_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.11": "SR",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22": "SR",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33": "SR",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34": "SR",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",  # Segmentation Storage
+}
+MAX_STOW_INSTANCES = 16
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+# RFC 2046 boundary characters (no ';' or quotes, so the boundary can be handed on unquoted)
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _INSTALL_ROOTS = tuple(sorted({_PACKAGE_ROOT, sys.prefix, tempfile.gettempdir()}, key=len, reverse=True))
 
@@ -149,12 +170,15 @@ def parse_bool(value: Any, what: str) -> bool:
 
 
 def volume_suffix(name: str) -> str:
-    """The volume format of a file name, or 422 for anything else (scripts, archives, 2D images...)."""
+    """The volume format of a file name, or 415 for anything else (scripts, archives, 2D images...).
+
+    One rule for every upload: 415 Unsupported Media Type for a format this server does not read, 422 for a file
+    in a format it reads that is invalid (a junk header, a 2D volume, a truncated stream)."""
     lowered = name.lower()
     for suffix in VOLUME_SUFFIXES:
         if lowered.endswith(suffix):
             return suffix
-    raise refuse(422, f"unsupported image format {Path(name).name[:80]!r}: use {', '.join(VOLUME_SUFFIXES)}")
+    raise refuse(415, f"unsupported image format {Path(name).name[:80]!r}: use {', '.join(VOLUME_SUFFIXES)}")
 
 
 def _gzip_size(path: Path, offset: int, limit: int) -> int:
@@ -241,7 +265,7 @@ def _check_nrrd(path: Path, limits: Limits) -> None:
     elif encoding == "raw":
         size = path.stat().st_size - offset
     else:
-        raise refuse(422, f"NRRD encoding {encoding!r} is not accepted: use raw or gzip")
+        raise refuse(415, f"NRRD encoding {encoding!r} is not read here: use raw or gzip")
     if size < expected:
         raise refuse(422, f"truncated NRRD: {size} of {expected} data bytes")
 
@@ -299,3 +323,84 @@ def check_train_params(params: dict[str, Any], config: Any, limits: Limits) -> d
     if "gate" in params:
         parse_bool(params["gate"], "gate")
     return params
+
+
+# -- STOW-RS bodies (OHIF's "Create SR" through MONAI Label's DICOMweb proxy) ------------------------------------
+
+
+def check_uid(value: Any, what: str) -> str:
+    """A DICOM UID: digits and dots, at most 64 characters (also what may go into a QIDO filter or a URL)."""
+    if not isinstance(value, str) or len(value) > 64 or not _UID.fullmatch(value):
+        shown = value[:80] if isinstance(value, str) else value
+        raise refuse(422, f"invalid {what} {shown!r}: a DICOM UID is digits and dots, at most 64 characters")
+    return value
+
+
+def stow_boundary(content_type: str | None) -> str:
+    """The multipart boundary of a STOW-RS request, or 415 unless it is ``multipart/related;
+    type="application/dicom"`` (PS3.18; DICOM JSON / XML metadata with bulk data is not read here)."""
+    header = email.message.Message()
+    header["content-type"] = content_type or ""
+    want = 'send multipart/related; type="application/dicom" with one DICOM file per part'
+    if header.get_content_type() != "multipart/related":
+        raise refuse(415, f"STOW-RS takes multipart/related bodies, got {str(content_type)[:80]!r}: {want}")
+    kind = header.get_param("type")
+    if kind is not None and str(kind).lower() != "application/dicom":
+        raise refuse(415, f"STOW-RS parts of type {str(kind)[:80]!r} are not read here: {want}")
+    boundary = header.get_boundary()
+    if not boundary or not _BOUNDARY.fullmatch(boundary):
+        raise refuse(415, f"multipart/related without a valid boundary parameter: {want}")
+    return boundary
+
+
+def _media_type(value: bytes | None) -> str:
+    header = email.message.Message()
+    header["content-type"] = (value or b"").decode("latin-1")
+    return header.get_content_type() if value else ""
+
+
+def read_stow_body(body: bytes, boundary: str, study_uid: str | None = None) -> list[pydicom.Dataset]:
+    """The DICOM objects of a STOW-RS body: each part ``application/dicom`` (else 415), a DICOM file pydicom reads
+    whole, of a class in :data:`STOW_SOP_CLASSES` with its modality and valid UIDs, in ``study_uid`` when the URL
+    names one (else 422); at most :data:`MAX_STOW_INSTANCES` parts (413). Whether training can use an object is
+    the datastore's check, after this one."""
+    marker = b"--" + boundary.encode()
+    if not (body.startswith(marker) or body.startswith(b"\r\n" + marker)) or b"\r\n" + marker + b"--" not in body:
+        raise refuse(422, "malformed multipart body: it must start with the boundary and end with its close")
+    try:
+        parts = MultipartDecoder(body, f"multipart/related; boundary={boundary}").parts
+    except (ImproperBodyPartContentException, NonMultipartContentTypeException, ValueError):
+        raise refuse(422, "malformed multipart body: a part lacks its header block") from None
+    if not parts:
+        raise refuse(422, "the STOW-RS body holds no DICOM part")
+    if len(parts) > MAX_STOW_INSTANCES:
+        raise refuse(413, f"{len(parts)} parts in one STOW-RS request; the limit is {MAX_STOW_INSTANCES}")
+    datasets = []
+    for n, part in enumerate(parts, 1):
+        media = _media_type(part.headers.get(b"content-type"))
+        if media != "application/dicom":
+            raise refuse(415, f"part {n} has Content-Type {media or 'none'!r}; each part must be application/dicom")
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(part.content))
+            dataset.walk(lambda *_: None)  # converts every element now: a malformed value is refused here, not later
+        except Exception:  # pydicom raises many error types on a crafted or truncated file; the bytes alone are read
+            raise refuse(
+                422, f"part {n} is not a DICOM file pydicom can read (PS3.10, with its 'DICM' header)"
+            ) from None
+        sop_class = str(dataset.get("SOPClassUID", ""))
+        modality = STOW_SOP_CLASSES.get(sop_class)
+        if modality is None:
+            name = pydicom.uid.UID(sop_class).name if sop_class else "no SOP class"
+            raise refuse(
+                422, f"part {n} is {name[:80]!r}: only DICOM SR (Basic, Enhanced, Comprehensive) and SEG are stored"
+            )
+        if dataset.get("Modality") != modality:
+            raise refuse(
+                422, f"part {n}: a {modality} object needs Modality {modality}, got {dataset.get('Modality')!r}"
+            )
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            check_uid(str(dataset.get(keyword, "")), f"part {n} {keyword}")
+        if study_uid is not None and dataset.StudyInstanceUID != study_uid:
+            raise refuse(422, f"part {n} belongs to study {dataset.StudyInstanceUID}, not to {study_uid} of the URL")
+        datasets.append(dataset)
+    return datasets

@@ -11,40 +11,55 @@ without tracebacks or server paths. See docs/security.md.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import hmac
 import ipaddress
 import json
 import logging
+import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jwt
-from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
+import requests
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordRequestForm
 from monailabel.config import settings
 from monailabel.endpoints import activelearning as ml_activelearning
 from monailabel.endpoints import infer as ml_infer
+from monailabel.endpoints import proxy as ml_proxy
 from monailabel.endpoints import scoring as ml_scoring
 from monailabel.endpoints import train as ml_train
 from monailabel.endpoints.user.auth import RBAC, User
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from monailabel_evlf.app.config import AppConfig
 from monailabel_evlf.app.datastore import label_suffix
+from monailabel_evlf.app.dicomweb import EVLFDICOMwebDatastore
 from monailabel_evlf.app.security import (
     check_id,
     check_json_object,
     check_tag,
     check_train_params,
+    check_uid,
     check_volume_file,
     copy_limited,
     parse_json_object,
+    read_stow_body,
     refuse,
     scrub,
+    stow_boundary,
     upload_dir,
     volume_suffix,
 )
@@ -211,8 +226,8 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 
 class _CleanErrors:
-    """``send`` for one response: a 4xx body loses server paths, a 5xx body becomes one generic line (the log
-    keeps the traceback)."""
+    """``send`` for one response: a 4xx body (and a deliberate 502 / 503 / 504) loses server paths, a 500 body
+    becomes one generic line (the log keeps the traceback)."""
 
     def __init__(self, send: Send) -> None:
         self.send = send
@@ -233,7 +248,7 @@ class _CleanErrors:
         if message.get("more_body"):
             return
         status = self.start["status"]
-        if status >= 500:
+        if status == 500:
             data = {"detail": "internal server error; the server log has the details"}
         else:
             try:
@@ -248,6 +263,73 @@ class _CleanErrors:
         await self.send({"type": "http.response.body", "body": body})
 
 
+# -- the inference deadline ---------------------------------------------------------------------------------------
+
+# the wall-clock deadline (time.monotonic) of the inference request this thread is working for; None elsewhere
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("evlf_infer_deadline", default=None)
+
+
+class InferTimeout(Exception):
+    """Raised inside the model's worker once its request's deadline has passed."""
+
+
+def _deadline_checked(generate: Callable[..., Any]) -> Callable[..., Any]:
+    """The backend's ``generate``, refusing to start a batch after its request's deadline.
+
+    Python cannot stop a thread, so the deadline is cooperative: the pipeline calls ``generate`` once per batch
+    of slices, so an over-time request stops within one batch and releases the model lock."""
+
+    @functools.wraps(generate)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        deadline = _DEADLINE.get()
+        if deadline is not None and time.monotonic() > deadline:
+            raise InferTimeout
+        return generate(*args, **kwargs)
+
+    return checked
+
+
+def _discard(future: Future) -> None:
+    """A result nobody waits for any more: remove its result file (``send_response`` would have)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    path = (future.result() or {}).get("file")
+    if path and os.path.isfile(path):
+        os.remove(path)
+
+
+class InferRunner:
+    """Runs each inference in a worker thread and answers 504 at the request's deadline (``infer_timeout_s``).
+
+    The worker owns the request's clean-ups (upload folder, queue slot) and runs them when it ends, so an
+    abandoned request keeps its place in the queue bound until the model has actually let go of it."""
+
+    def __init__(self, instance: MONAILabelApp, timeout_s: int, workers: int) -> None:
+        self.instance = instance
+        self.timeout_s = timeout_s
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evlf-infer")
+
+    def _work(self, request: dict[str, Any], cleanup: ExitStack) -> dict[str, Any]:
+        with cleanup:
+            return self.instance.infer(request)
+
+    def run(self, request: dict[str, Any], cleanup: ExitStack) -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout_s
+        context = contextvars.copy_context()
+        context.run(_DEADLINE.set, deadline)
+        future = self.pool.submit(context.run, self._work, request, cleanup)
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except (FutureTimeout, InferTimeout):
+            future.add_done_callback(_discard)
+            logger.warning("%s request stopped after %d s (--conf infer_timeout_s)", request["model"], self.timeout_s)
+            raise refuse(
+                504,
+                f"inference took longer than {self.timeout_s} s (--conf infer_timeout_s) and was stopped; "
+                "retry with fewer slices, or ask the administrator to raise the limit",
+            ) from None
+
+
 # -- routes in front of MONAI Label's ------------------------------------------------------------------------------
 
 # request keys MONAI Label acts on server-side: never from a client
@@ -259,6 +341,17 @@ def _client_params(params: dict[str, Any], what: str) -> dict[str, Any]:
         if key in _SERVER_KEYS or key.startswith("_"):
             raise refuse(422, f"{what}: the parameter {key!r} cannot be set by a client")
     return params
+
+
+def _proxy_path(path: str) -> tuple[str, str]:
+    """MONAI Label's proxy operation (``wado``, ``qido``, ``stow`` or ``""``) and the path after it; 422 for dot
+    segments, which the HTTP client would resolve into the DICOMweb server's other endpoints."""
+    segments = path.split("/")
+    if any(s in (".", "..") or "\\" in s for s in segments):
+        raise refuse(422, "invalid DICOMweb path: no '.' or '..' segments")
+    if segments[0] in ("wado", "qido", "stow"):
+        return segments[0], "/".join(segments[1:])
+    return "", path
 
 
 def _move_to_front(app: FastAPI, router: APIRouter) -> None:
@@ -285,6 +378,7 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
     annotator_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)
     admin_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
     queue = threading.BoundedSemaphore(config.max_queued_requests)
+    runner = InferRunner(instance, config.infer_timeout_s, config.max_queued_requests)
 
     @router.post("/infer/{model}")
     def infer(
@@ -308,20 +402,20 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
             raise refuse(422, "output=dicom_seg: use the params {'output': 'dicom_seg'} of evlf_grounding")
         if not queue.acquire(blocking=False):
             raise refuse(429, "the model is busy with other requests; retry shortly")
-        try:
-            with upload_dir() as folder:
-                if file is not None:
-                    path = _save_upload(file, folder, volume_suffix(file.filename or ""), limits.max_upload_bytes)
-                    check_volume_file(path, limits)
-                    request.update(image=str(path), _upload=True)
-                elif image:
-                    request["image"] = check_id(image)
-                else:
-                    raise refuse(422, "no image: give an image id or upload a file")
-                result = instance.infer(request)
-                return ml_infer.send_response(instance.datastore(), result, output, background_tasks)
-        finally:
-            queue.release()
+        with ExitStack() as cleanup:  # handed to the worker once the request is valid
+            cleanup.callback(queue.release)
+            folder = cleanup.enter_context(upload_dir())
+            if file is not None:
+                path = _save_upload(file, folder, volume_suffix(file.filename or ""), limits.max_upload_bytes)
+                check_volume_file(path, limits)
+                request.update(image=str(path), _upload=True)
+            elif image:
+                request["image"] = check_id(image)
+            else:
+                raise refuse(422, "no image: give an image id or upload a file")
+            work = cleanup.pop_all()
+        result = runner.run(request, work)
+        return ml_infer.send_response(instance.datastore(), result, output, background_tasks)
 
     def add_image(image: str | None, params: str, file: UploadFile) -> dict[str, Any]:
         suffix = volume_suffix(file.filename or "")
@@ -444,6 +538,61 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
             raise refuse(422, "'client_id' must be a string")
         return ml_activelearning.sample(strategy, params, user.username)
 
+    def dicomweb() -> EVLFDICOMwebDatastore:
+        datastore = instance.datastore()
+        if not isinstance(datastore, EVLFDICOMwebDatastore):
+            raise refuse(404, "no DICOMweb server behind this one: its studies are a local folder")
+        return datastore
+
+    @router.get("/proxy/dicom/{path:path}", include_in_schema=False)
+    async def proxy_read(request: Request, path: str, user: User = Depends(user_role)):
+        """QIDO-RS / WADO-RS reads, passed to MONAI Label's proxy once the path is checked."""
+        dicomweb()
+        operation, rest = _proxy_path(path)
+        try:
+            return await ml_proxy.proxy_dicom(request, operation, rest)
+        except requests.RequestException:
+            raise refuse(502, "the DICOMweb server did not answer") from None
+
+    def store(datastore: EVLFDICOMwebDatastore, content_type: str, body: bytes, study_uid: str | None) -> Any:
+        """Check every instance of a STOW-RS body as a correction, then store them all, or none."""
+        datasets = read_stow_body(body, stow_boundary(content_type), study_uid)
+        checked = []
+        with upload_dir() as folder:
+            for n, dataset in enumerate(datasets, 1):
+                path = folder / f"part{n}.dcm"
+                dataset.save_as(path, write_like_original=False)
+                try:
+                    image_id, correction = datastore.check_correction(str(path))
+                except HTTPException as exc:
+                    raise refuse(exc.status_code, f"part {n}: {exc.detail}") from None
+                logger.info("STOW-RS part %d: a %s correcting series %s", n, correction.Modality, image_id)
+                checked.append(correction)
+        try:
+            answer = datastore.store_corrections(checked)
+        except requests.RequestException as exc:
+            status = getattr(exc.response, "status_code", None)
+            raise refuse(502, f"the DICOMweb server did not store the objects (HTTP {status or 'no answer'})") from None
+        return answer.to_json_dict()
+
+    @router.post("/proxy/dicom/{path:path}", include_in_schema=False)
+    async def proxy_store(request: Request, path: str, user: User = Depends(annotator_role)):
+        """STOW-RS only, and only corrections training can use (docs/security.md); MONAI Label's proxy would pass
+        any body on to the DICOMweb server. OHIF without a ``stowRoot`` (MONAI Label's build) stores at
+        ``{wadoRoot}/studies``, so every ``[wado|qido|stow/]studies[/{study}]`` is a STOW-RS request here, and
+        the objects go to the datastore's STOW-RS URL."""
+        datastore = dicomweb()
+        _, rest = _proxy_path(path)
+        parts = rest.split("/")
+        if parts[0] != "studies" or len(parts) > 2:
+            raise refuse(404, "only STOW-RS is accepted here: POST /proxy/dicom/stow/studies[/{StudyInstanceUID}]")
+        study_uid = check_uid(parts[1], "StudyInstanceUID") if len(parts) == 2 else None
+        content_type = request.headers.get("content-type", "")
+        stow_boundary(content_type)  # 415 before the body is read
+        body = await request.body()
+        answer = await run_in_threadpool(store, datastore, content_type, body, study_uid)
+        return JSONResponse(answer, media_type="application/dicom+json")
+
     @router.put("/session/")
     def session(user: User = Depends(user_role)):
         raise refuse(422, "sessions are not offered by this server: upload the volume with POST /infer/<model>")
@@ -458,6 +607,9 @@ def install(instance: MONAILabelApp, config: AppConfig) -> None:
         return
     app: FastAPI = web.app
     auth = load_auth(config)
+    served = getattr(instance, "served", None)
+    if served is not None:  # this process's model: infer requests past infer_timeout_s stop at the next batch
+        served.backend.generate = _deadline_checked(served.backend.generate)
     if auth is not None:
         _move_to_front(app, auth_router(auth))
     _move_to_front(app, guarded_router(instance, config))

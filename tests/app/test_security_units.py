@@ -1,34 +1,52 @@
-"""The validators and the guard without a server: ids, JSON, volume headers (NRRD and NIfTI), auth and
-origin decisions, and kill -9 during atomic writes (label files and the datastore index)."""
+"""The validators and the guard without a server: ids, JSON, volume headers (NRRD and NIfTI), STOW-RS bodies,
+auth and origin decisions, the inference deadline, and kill -9 during atomic writes (label files and the
+datastore index)."""
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import ExitStack
 
 import jwt
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from fastapi import HTTPException
+from pydicom.uid import generate_uid
 
 from monailabel_evlf.app.config import parse_app_config
 from monailabel_evlf.app.datastore import CheckedLocalDatastore
 from monailabel_evlf.app.security import (
+    MAX_STOW_INSTANCES,
     Limits,
     check_id,
     check_tag,
+    check_uid,
     check_volume_file,
     contained,
     parse_json_object,
+    read_stow_body,
     scrub,
+    stow_boundary,
 )
-from monailabel_evlf.app.server import Guard, TokenAuth
+from monailabel_evlf.app.server import (
+    _DEADLINE,
+    Guard,
+    InferRunner,
+    InferTimeout,
+    TokenAuth,
+    _deadline_checked,
+    _proxy_path,
+)
 from monailabel_evlf.data.phantoms import write_sample_dataset
 
 LIMITS = Limits(max_voxels=100_000)
@@ -95,9 +113,10 @@ def nrrd(fields: str, data: bytes) -> bytes:
         ("short.nrrd", nrrd("type: short\nsizes: 4 4 4\nencoding: raw", b"\0" * 100), 422, "truncated"),
         ("huge.nrrd", nrrd("type: short\nsizes: 1000 1000 1000\nencoding: raw", b""), 413, "voxels"),
         ("flat.nrrd", nrrd("type: short\nsizes: 4 4\nencoding: raw", b"\0" * 32), 422, "3D"),
-        ("bz.nrrd", nrrd("type: short\nsizes: 4 4 4\nencoding: bzip2", b"x"), 422, "encoding"),
+        ("bz.nrrd", nrrd("type: short\nsizes: 4 4 4\nencoding: bzip2", b"x"), 415, "encoding"),
         ("nomagic.nrrd", b"hello\n\n", 422, "NRRD"),
-        ("script.py", b"print(1)", 422, "unsupported"),
+        ("script.py", b"print(1)", 415, "unsupported"),
+        ("volume.mha", b"ObjectType = Image\n", 415, "unsupported"),
     ],
 )
 def test_volume_headers_are_checked_before_reading(tmp_path, name, content, status, says):
@@ -230,3 +249,156 @@ def test_a_torn_index_is_set_aside_and_rebuilt_from_the_files(tmp_path):
     assert sorted(datastore.list_images()) == ["phantom_s1_000", "phantom_s1_001"]
     assert list(studies.glob("datastore_v2.json.torn-*"))
     json.loads(index.read_text())
+
+
+# -- STOW-RS bodies ------------------------------------------------------------------------------------------------
+
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+BOUNDARY = "evlf-test-boundary"
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary="{BOUNDARY}"'
+
+
+def dicom_bytes(sop_class: str = COMPREHENSIVE_SR, modality: str = "SR", study: str = STUDY_UID, **values) -> bytes:
+    dataset = pydicom.Dataset()
+    dataset.SOPClassUID, dataset.SOPInstanceUID, dataset.Modality = sop_class, generate_uid(), modality
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, generate_uid()
+    for keyword, value in values.items():
+        setattr(dataset, keyword, value)
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = sop_class
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, write_like_original=False)
+    return buffer.getvalue()
+
+
+def multipart(*parts: bytes, part_type: str = "application/dicom") -> bytes:
+    body = b"".join(f"--{BOUNDARY}\r\nContent-Type: {part_type}\r\n\r\n".encode() + p + b"\r\n" for p in parts)
+    return body + f"--{BOUNDARY}--\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/dicom",
+        "application/json",
+        "multipart/form-data; boundary=x",
+        'multipart/related; type="application/dicom+json"; boundary=x',
+        'multipart/related; type="application/dicom"',
+        'multipart/related; type="application/dicom"; boundary="a;b"',
+        "",
+    ],
+)
+def test_stow_media_types_other_than_multipart_related_dicom_get_415(content_type):
+    assert status_of(stow_boundary, content_type) == 415
+
+
+def test_stow_boundary_of_the_clients_that_send_corrections():
+    assert stow_boundary(STOW_TYPE) == BOUNDARY
+    # dicomweb-client (Python), and dcmjs / OHIF (no type parameter in some versions)
+    assert stow_boundary('multipart/related; type="application/dicom"; boundary="0f3cf5c0-70e0"') == "0f3cf5c0-70e0"
+    assert stow_boundary("multipart/related; boundary=abc") == "abc"
+
+
+def test_stow_body_yields_the_sr_and_seg_it_holds():
+    sr, seg = dicom_bytes(), dicom_bytes("1.2.840.10008.5.1.4.1.1.66.4", "SEG")
+    datasets = read_stow_body(multipart(sr, seg), BOUNDARY, STUDY_UID)
+    assert [d.Modality for d in datasets] == ["SR", "SEG"]
+    assert [d.SOPInstanceUID for d in datasets] == [pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID for b in (sr, seg)]
+
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (multipart(dicom_bytes(), part_type="text/plain"), 415, "application/dicom"),
+        (multipart(dicom_bytes(), part_type="application/dicom+json"), 415, "application/dicom"),
+        (multipart(b"not dicom at all" * 20), 422, "pydicom"),
+        (multipart(dicom_bytes()[:-7]), 422, "pydicom"),
+        (multipart(dicom_bytes()[128:]), 422, "pydicom"),  # no preamble / DICM prefix
+        (multipart(dicom_bytes(CT_IMAGE, "CT")), 422, "CT Image Storage"),
+        (multipart(dicom_bytes("1.2.840.10008.5.1.4.1.1.104.1", "DOC")), 422, "only SR"),  # encapsulated PDF
+        (multipart(dicom_bytes(modality="SEG")), 422, "Modality SR"),
+        (multipart(dicom_bytes(study="1.2.3.4")), 422, "not to"),
+        (multipart(dicom_bytes(study="../../x")), 422, "StudyInstanceUID"),
+        (multipart(dicom_bytes(), dicom_bytes(CT_IMAGE, "CT")), 422, "part 2"),
+        (multipart(*[dicom_bytes()] * (MAX_STOW_INSTANCES + 1)), 413, "limit"),
+        (multipart(), 422, "malformed"),
+        (b"--" + BOUNDARY.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + dicom_bytes(), 422, "malformed"),
+        (b"garbage without any boundary", 422, "malformed"),
+        (f"--{BOUNDARY}\r\nno header block\r\n--{BOUNDARY}--".encode(), 422, "malformed"),
+    ],
+)
+def test_stow_bodies_that_are_not_sr_or_seg_objects_are_refused(body, status, says):
+    with pytest.raises(HTTPException) as caught:
+        read_stow_body(body, BOUNDARY, STUDY_UID)
+    assert caught.value.status_code == status and says in caught.value.detail, caught.value.detail
+
+
+@pytest.mark.parametrize("bad", ["", "1.2.x", "../1", "1" * 65, "1..2", None])
+def test_uids_are_digits_and_dots(bad):
+    assert status_of(check_uid, bad, "uid") == 422
+    assert check_uid("1.2.840.10008.5.1.4.1.1.88.22", "uid") == "1.2.840.10008.5.1.4.1.1.88.22"
+
+
+def test_proxy_paths_keep_to_dicomweb():
+    assert _proxy_path("wado/studies/1.2/series/3.4/metadata") == ("wado", "studies/1.2/series/3.4/metadata")
+    assert _proxy_path("studies") == ("", "studies")
+    for bad in ("wado/../../tools/execute-script", "qido/studies/..", "./studies", "wado/a\\..\\b"):
+        assert status_of(_proxy_path, bad) == 422
+
+
+# -- the inference deadline ----------------------------------------------------------------------------------------
+
+
+class SlowModel:
+    """An app whose inference calls a deadline-checked ``generate`` 50 times, 0.05 s each (2.5 s in all)."""
+
+    def __init__(self) -> None:
+        self.generate = _deadline_checked(lambda: time.sleep(0.05))
+        self.batches = 0
+        self.stopped = threading.Event()
+
+    def infer(self, request):
+        try:
+            for _ in range(50):
+                self.generate()
+                self.batches += 1
+            return {"file": None, "params": {"batches": self.batches}}
+        finally:
+            self.stopped.set()
+
+
+def test_a_request_over_its_deadline_gets_504_and_the_worker_stops_at_the_next_batch():
+    app = SlowModel()
+    runner = InferRunner(app, timeout_s=1, workers=1)
+    released = threading.Event()
+    cleanup = ExitStack()
+    cleanup.callback(released.set)
+    started = time.monotonic()
+    with pytest.raises(HTTPException) as caught:
+        runner.run({"model": "evlf_grounding"}, cleanup)
+    waited = time.monotonic() - started
+    assert caught.value.status_code == 504 and "infer_timeout_s" in caught.value.detail
+    assert 0.9 < waited < 1.5, waited  # answered at the deadline, not when the model is done
+    assert app.stopped.wait(1.0) and released.wait(1.0), "the worker kept the model / its queue slot"
+    assert app.batches < 30, app.batches  # stopped after ~1 s of 0.05 s batches, not after all 50
+
+
+def test_requests_within_the_deadline_get_their_result_and_generate_outside_one_is_unchecked():
+    app = SlowModel()
+    assert InferRunner(app, timeout_s=10, workers=1).run({"model": "m"}, ExitStack()) == {
+        "file": None,
+        "params": {"batches": 50},
+    }
+    _deadline_checked(lambda: None)()  # no request context (training, scoring): never raises
+    token = _DEADLINE.set(time.monotonic() - 1)
+    try:
+        with pytest.raises(InferTimeout):
+            _deadline_checked(lambda: None)()
+    finally:
+        _DEADLINE.reset(token)

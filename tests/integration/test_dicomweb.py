@@ -206,7 +206,7 @@ def test_bad_labels_are_refused_with_4xx(server, orthanc, phantoms, tmp_path):
         "the app's AI SR": (_put_label(server, image, tmp_path / "ai.dcm"), 422),
         "a CT instance": (_put_label(server, image, tmp_path / "ct.dcm"), 422),
         "not DICOM": (_put_label(server, image, tmp_path / "garbage.dcm"), 422),
-        "unsupported format": (_put_label(server, image, tmp_path / "notes.txt"), 422),
+        "unsupported format": (_put_label(server, image, tmp_path / "notes.txt"), 415),
         "unknown finding": (_put_label(server, image, tmp_path / "unknown.json"), 422),
         "other tag": (_put_label(server, image, tmp_path / "unknown.json", tag="original"), 422),
     }

@@ -242,7 +242,7 @@ CASES: list[Case] = [
     (
         "py upload as image",
         lambda s: put_image(s, b"import os\n", "sitecustomize.py", "../outside/sitecustomize"),
-        422,
+        415,
         "unsupported image format",
     ),
     (
@@ -330,6 +330,18 @@ CASES: list[Case] = [
         "invalid label tag",
     ),
     ("logs endpoint", lambda s: requests.get(f"{s.url}/logs/"), 404, "not found"),
+    # MONAI Label's DICOMweb proxy on a local studies folder (it used to answer 500)
+    ("proxy read, no DICOMweb", lambda s: requests.get(f"{s.url}/proxy/dicom/qido/studies"), 404, "no DICOMweb"),
+    (
+        "proxy STOW-RS, no DICOMweb",
+        lambda s: requests.post(
+            f"{s.url}/proxy/dicom/wado/studies",
+            data=b"--b\r\nContent-Type: application/dicom\r\n\r\n" + sr_bytes() + b"\r\n--b--",
+            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+        ),
+        404,
+        "no DICOMweb",
+    ),
     ("batch infer", lambda s: requests.post(f"{s.url}/batch/infer/evlf_grounding"), 404, "not found"),
     # what used to be 5xx
     ("infer params not JSON", lambda s: infer(s, "{bad"), 422, "not valid json"),
@@ -454,7 +466,9 @@ CASES: list[Case] = [
     ),
     ("wrong-shape label map", lambda s: put_label(s, labelmap_bytes(s, 1, shape=(8, 8, 8)), "l.nii.gz"), 422, "shape"),
     ("truncated label map", lambda s: put_label(s, labelmap_bytes(s, 1)[:-300], "l.nii.gz"), 422, "gzip"),
-    ("label with .py name", lambda s: put_label(s, b"print(1)", "x.py"), 422, "unsupported label format"),
+    ("label with .py name", lambda s: put_label(s, b"print(1)", "x.py"), 415, "unsupported label format"),
+    ("label as .png", lambda s: put_label(s, b"\x89PNG\r\n", "x.png"), 415, "unsupported label format"),
+    ("infer on a .mha upload", lambda s: infer(s, image=None, files={"file": ("v.mha", b"x")}), 415, "unsupported"),
     ("junk image", lambda s: put_image(s, b"not a nifti at all" * 10, "junk.nii.gz"), 422, "nifti"),
     ("2D image", lambda s: put_image(s, nifti_bytes(np.zeros((16, 16), np.int16)), "flat.nii.gz"), 422, "3d"),
     ("4D image", lambda s: put_image(s, nifti_bytes(np.zeros((8, 8, 8, 3), np.int16)), "four.nii.gz"), 422, "3d"),
@@ -592,6 +606,33 @@ def test_busy_model_answers_429_beyond_the_queue(layout, tmp_path_factory):
         for thread in threads:
             thread.join()
         assert sorted(results) == [200, 429, 429]
+    finally:
+        _stop(server)
+
+
+def test_inference_past_infer_timeout_s_gets_504_and_frees_the_model(layout, tmp_path_factory):
+    """One slice per generate call, 0.4 s each: a 40-slice grounding takes 16 s, past a 2 s limit. The client
+    gets 504 at the limit; the worker stops at its next batch, so a one-slice request is served right after."""
+    studies, outside = layout
+    conf = {"infer_timeout_s": "2", "backend.delay": "0.4", "batch_size": "1", "max_queued_requests": "1"}
+    server = _start(studies, outside, tmp_path_factory.mktemp("timeout") / "tmp", conf)
+    try:
+        started = time.monotonic()
+        slow = infer(server)
+        waited = time.monotonic() - started
+        assert slow.status_code == 504 and "infer_timeout_s" in slow.json()["detail"], slow.text[:300]
+        assert waited < 6, f"answered after {waited:.1f} s, not at the 2 s limit"
+        assert requests.get(f"{server.url}/info/", timeout=5).status_code == 200
+        statuses = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # 429 until the stopped worker lets go of the model (one batch)
+            statuses.append(infer(server, {"output": "json", "slices": [20]}).status_code)
+            if statuses[-1] != 429:
+                break
+            time.sleep(0.2)
+        assert statuses[-1] == 200, statuses
+        assert "stopped after 2 s" in (server.tmp.parent / f"{server.tmp.name}.log").read_text()
+        print(f"timeout: 504 after {waited:.1f} s; then {statuses}")
     finally:
         _stop(server)
 
@@ -737,6 +778,15 @@ def sweep_requests(url: str) -> list[tuple[str, Callable[[], requests.Response]]
     for name in ("nope", "a" * 300, "..%2f..%2fx"):
         for path in ("infer", "train", "scoring", "activelearning"):
             calls.append((f"{path}/{name[:20]}", lambda p=path, n=name: requests.post(f"{url}/{p}/{n}")))
+    stow_type = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
+    for operation in ("qido", "wado", "stow", ""):
+        for rest in ("studies", "studies/1.2.3", "%2e%2e/%2e%2e/system", "a" * 300):
+            target = f"{url}/proxy/dicom/{operation}/{rest}".replace("dicom//", "dicom/")
+            calls.append((f"proxy get {operation}/{rest[:20]}", lambda t=target: requests.get(t)))
+            calls.append((f"proxy stow {operation}/{rest[:20]}", lambda t=target: requests.post(t, data=b"--b--")))
+            calls.append(
+                (f"proxy stow typed {operation}/{rest[:20]}", lambda t=target: requests.post(t, headers=stow_type))
+            )
     return calls
 
 
