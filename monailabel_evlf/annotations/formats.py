@@ -80,10 +80,10 @@ class LabelCheck:
 class AnnotationFormat:
     """A format the app writes (grounding ``output``) and reads back as a label.
 
-    A file format ``write`` s an :class:`Annotation` to a path and returns extra result-JSON fields; a DICOM
-    format ``encode`` s it as a dataset that the caller stores through STOW-RS or saves. ``read`` gives a saved
-    label's voxel boxes on ``volume`` (``names``: label-map values -> label names); ``check`` raises
-    :class:`LabelRefused` unless training can use the label on its image."""
+    File formats have ``write`` (an :class:`Annotation` to a path; returns extra result-JSON fields), DICOM
+    formats ``encode`` (an :class:`Annotation` as a dataset the caller stores through STOW-RS or saves).
+    ``read`` gives a saved label's voxel boxes on ``volume`` (``names``: label-map values -> label names);
+    ``check`` raises :class:`LabelRefused` unless training can use the label on its image."""
 
     output: str  # the grounding task's ``output`` value
     title: str  # for messages
