@@ -9,6 +9,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from monailabel_evlf.errors import BackendUnavailable
+
 # module -> function ``register(subparsers)`` adding its sub-commands (each sets ``func=callable(args) -> int``)
 COMMAND_MODULES: tuple[str, ...] = (
     "monailabel_evlf.app.commands",
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, BackendUnavailable) as exc:
         print(f"evlf: error: {exc}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monailabel_evlf.app.config import OUTPUTS, AppConfig
 from monailabel_evlf.app.security import scrub
+from monailabel_evlf.errors import BackendUnavailable
 from monailabel_evlf.imaging.volume import load_volume
 from monailabel_evlf.inference import VolumeResult
 
@@ -111,6 +112,8 @@ class EVLFInferTask(InferTask):
             result, result_file, extra = self.run(volume, request)
         except ValueError as exc:
             raise bad_request(scrub(str(exc))) from exc
+        except BackendUnavailable as exc:  # a remote model server down or refusing: not the request's fault
+            raise bad_request(scrub(str(exc)), status=503) from exc
         body = result.to_json()
         body["model"] = self.served.info()
         body["image"] = {"shape": list(volume.array.shape), "affine_lps": volume.affine.round(6).tolist()}

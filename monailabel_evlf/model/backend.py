@@ -84,6 +84,7 @@ BACKENDS: dict[str, str] = {
     "evlf": "monailabel_evlf.model.backends.evlf:EVLFBackend",
     "qwen2_5_vl": "monailabel_evlf.model.backends.qwen2_5_vl:Qwen25VLBackend",
     "qwen3_vl": "monailabel_evlf.model.backends.qwen3_vl:Qwen3VLBackend",
+    "openai_chat": "monailabel_evlf.model.backends.openai_chat:OpenAIChatBackend",  # a remote chat-completions server
 }
 
 
