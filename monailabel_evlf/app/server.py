@@ -561,11 +561,16 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
         with upload_dir() as folder:
             for n, dataset in enumerate(datasets, 1):
                 path = folder / f"part{n}.dcm"
-                dataset.save_as(path, write_like_original=False)
                 try:
+                    dataset.save_as(path, write_like_original=False)
                     image_id, correction = datastore.check_correction(str(path))
                 except HTTPException as exc:
                     raise refuse(exc.status_code, f"part {n}: {exc.detail}") from None
+                except requests.RequestException:
+                    raise refuse(502, "the DICOMweb server did not answer while the body was checked") from None
+                except Exception as exc:  # pydicom / highdicom / numpy raise many error types on crafted objects
+                    logger.warning("STOW-RS part %d refused: %s", n, exc, exc_info=True)
+                    raise refuse(422, f"part {n} cannot be read as a correction ({type(exc).__name__})") from None
                 logger.info("STOW-RS part %d: a %s correcting series %s", n, correction.Modality, image_id)
                 checked.append(correction)
         try:
@@ -585,7 +590,7 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
         _, rest = _proxy_path(path)
         parts = rest.split("/")
         if parts[0] != "studies" or len(parts) > 2:
-            raise refuse(404, "only STOW-RS is accepted here: POST /proxy/dicom/stow/studies[/{StudyInstanceUID}]")
+            raise refuse(404, "only STOW-RS is accepted here: POST to proxy/dicom/stow/studies[/StudyInstanceUID]")
         study_uid = check_uid(parts[1], "StudyInstanceUID") if len(parts) == 2 else None
         content_type = request.headers.get("content-type", "")
         stow_boundary(content_type)  # 415 before the body is read

@@ -98,6 +98,25 @@ def elsewhere(dataset: pydicom.Dataset) -> pydicom.Dataset:
     return dataset
 
 
+def segmentation(series: list[pydicom.Dataset], sidecar: dict, manual: bool = True) -> pydicom.Dataset:
+    """A SEG of the lesions' boxes: MANUAL as a reader's correction, AUTOMATIC as the app's own output."""
+    boxes = [
+        VoxelBox(lo=les["voxel_box"]["lo"], hi=les["voxel_box"]["hi"], label=les["label"]) for les in sidecar["lesions"]
+    ]
+    return write_segmentation(boxes, series, slice_uid_order=sidecar["dicom"]["sop_instance_uids"], manual=manual)
+
+
+def cut_pixels(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    dataset.PixelData = dataset.PixelData[: len(dataset.PixelData) // 3]
+    return dataset
+
+
+def odd_region(series: list[pydicom.Dataset], sidecar: dict) -> pydicom.Dataset:
+    """An OHIF SR whose rectangle has 9 coordinates (no x, y pairs)."""
+    k, kind, points, label = rectangles(sidecar)[0]
+    return ohif_sr(series, [(k, kind, points[:-1], label)], site_scheme="CORNERSTONEJS", sop_class=ENHANCED_SR)
+
+
 def ai_sr(series: list[pydicom.Dataset], sidecar: dict) -> pydicom.Dataset:
     lesion = sidecar["lesions"][0]
     lo, hi = lesion["voxel_box"]["lo"], lesion["voxel_box"]["hi"]
@@ -131,6 +150,13 @@ def test_bodies_that_are_not_usable_corrections_are_refused_and_nothing_is_store
         "not DICOM": (lambda: stow(server, [b"not dicom at all" * 10]), 422, "pydicom"),
         "a CT image": (lambda: stow(server, [ct]), 422, "CT Image Storage"),
         "the app's AI SR": (lambda: stow(server, [encode(ai_sr(series, sidecar))]), 422, "AI output"),
+        "the app's AI SEG": (lambda: stow(server, [encode(segmentation(series, sidecar, False))]), 422, "AI output"),
+        "SEG with cut pixel data": (
+            lambda: stow(server, [encode(cut_pixels(segmentation(series, sidecar)))]),
+            422,
+            "part 1",
+        ),
+        "SR region of 9 numbers": (lambda: stow(server, [encode(odd_region(series, sidecar))]), 422, "part 1"),
         "SR without labels": (lambda: stow(server, [encode(ohif(series, sidecar, label=None))]), 422, "finding label"),
         "SR unknown finding": (lambda: stow(server, [encode(ohif(series, sidecar, label="R_1"))]), 422, "R_1"),
         "SR of an unknown study": (
@@ -141,7 +167,7 @@ def test_bodies_that_are_not_usable_corrections_are_refused_and_nothing_is_store
         "good SR + CT in one body": (lambda: stow(server, [good, ct]), 422, "part 2"),
         "study of the URL differs": (lambda: stow(server, [good], path="stow/studies/1.2.3.4"), 422, "1.2.3.4"),
         "URL study not a UID": (lambda: stow(server, [good], path="stow/studies/x'y"), 422, "StudyInstanceUID"),
-        "not a STOW path": (lambda: stow(server, [good], path="wado/instances"), 404, "STOW-RS"),
+        "not a STOW path": (lambda: stow(server, [good], path="wado/instances"), 404, "proxy/dicom/stow/studies"),
         "traversal to Orthanc's REST API": (
             lambda: requests.post(
                 f"{server}/proxy/dicom/stow/%2e%2e/%2e%2e/tools/execute-script", data=b"x", timeout=60
@@ -164,6 +190,7 @@ def test_bodies_that_are_not_usable_corrections_are_refused_and_nothing_is_store
         assert response.status_code == status and word.lower() in detail.lower(), (name, got[name])
         assert "Traceback" not in response.text and str(REPO_ROOT) not in response.text and "/tmp/" not in detail
     print(f"STOW-RS: {len(cases)} hostile requests, {sum(s >= 500 for s, _ in got.values())} 5xx")
+    print("\n".join(f"  {name}: {status} {detail[:110]}" for name, (status, detail) in got.items()))
     assert instances(orthanc) == before, "a refused STOW-RS body reached Orthanc"
 
 
@@ -178,10 +205,7 @@ def test_an_ohif_enhanced_sr_and_a_manual_seg_are_stored_as_corrections(server, 
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/dicom+json")
     assert instances(orthanc) == before + 1
-    boxes = [
-        VoxelBox(lo=les["voxel_box"]["lo"], hi=les["voxel_box"]["hi"], label=les["label"]) for les in sidecar["lesions"]
-    ]
-    seg = write_segmentation(boxes, series, slice_uid_order=sidecar["dicom"]["sop_instance_uids"], manual=True)
+    seg = segmentation(series, sidecar)
     response = stow(server, [encode(seg)], path=f"stow/studies/{study}")
     assert response.status_code == 200, response.text
     assert instances(orthanc) == before + 2
