@@ -384,7 +384,7 @@ def test_a_request_over_its_deadline_gets_504_and_the_worker_stops_at_the_next_b
         runner.run({"model": "evlf_grounding"}, cleanup)
     waited = time.monotonic() - started
     assert caught.value.status_code == 504 and "infer_timeout_s" in caught.value.detail
-    assert 0.9 < waited < 1.5, waited  # answered at the deadline, not when the model is done
+    assert 0.9 < waited < 2.0, waited  # answered at the deadline (1 s), not when the model is done (2.5 s)
     assert app.stopped.wait(1.0) and released.wait(1.0), "the worker kept the model / its queue slot"
     assert app.batches < 30, app.batches  # stopped after ~1 s of 0.05 s batches, not after all 50
 
