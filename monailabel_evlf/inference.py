@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monailabel_evlf.imaging.aggregation import link_slice_detections
+from monailabel_evlf.imaging.aggregation import extend_into_weak_detections, link_slice_detections
 from monailabel_evlf.imaging.geometry import Box2D, VoxelBox, WorldBox, box_iou_2d, voxel_box_to_world
 from monailabel_evlf.imaging.slicing import (
     RenderedSlice,
@@ -57,6 +57,10 @@ class PipelineConfig:
     # in-plane IoU that links boxes on neighbouring slices: low, because a lesion's first and last slices show
     # a small cap inside the next slice's cross-section (a 1x1 cap in a 6x6 section has IoU 0.03)
     link_iou: float = 0.01
+    # hysteresis (aggregation.extend_into_weak_detections): a 3D box grows by up to ``max_extend`` slices per end
+    # into detector proposals scored >= ``extend_score`` (models with region proposals; 0 slices turns it off)
+    extend_score: float = 0.05
+    max_extend: int = 2
 
     def __post_init__(self) -> None:
         for name in ("slice_stride", "max_slices", "image_size", "batch_size", "max_new_tokens", "min_slices"):
@@ -226,11 +230,12 @@ class VolumePipeline:
             return [None] * len(texts)
         return out
 
-    def box_scores(self, slices: Sequence[RenderedSlice], answers: Sequence[SliceAnswer]) -> None:
+    def box_scores(self, slices: Sequence[RenderedSlice], answers: Sequence[SliceAnswer]) -> list[list[Box2D]]:
         """Fill each answer's per-box scores: for a backend that proposes regions (the EVLF detection connector),
         a box the model copied from a proposal (IoU >= 0.5) carries that proposal's detector score (predicted IoU x
         centre peak) times the answer's confidence — the detector knows how well it localised, the LLM whether it
-        believes the finding; otherwise the answer's confidence alone."""
+        believes the finding; otherwise the answer's confidence alone. Returns each slice's proposals (none for
+        other backends)."""
         proposals: list[list[Box2D]] = [[] for _ in slices]
         if getattr(self.backend, "has_proposals", False):
             proposals = []
@@ -246,6 +251,7 @@ class VolumePipeline:
                     answer.box_scores.append(round(candidates[best].score * confidence, 4))
                 else:
                     answer.box_scores.append(answer.confidence)
+        return proposals
 
     def _parse(self, text: str, rendered: RenderedSlice) -> ParsedAnswer:
         height, width = rendered.image.shape[:2]
@@ -306,7 +312,7 @@ class VolumePipeline:
         started = time.perf_counter()
         prompt = grounding_prompt(self.config.modality, target, self.backend.box_codec)
         result, slices = self._ask(volume, prompt, indices)
-        self.box_scores(slices, result.answers)
+        proposals = self.box_scores(slices, result.answers)
         detections = [
             slice_box_to_voxel_box(_labelled(box, self.canonical(box.label or target), score), rendered)
             for answer, rendered in zip(result.answers, slices, strict=True)
@@ -316,19 +322,23 @@ class VolumePipeline:
         linked = link_slice_detections(
             detections, result.axis, iou_threshold=self.config.link_iou, min_slices=self.config.min_slices
         )
+        weak = [
+            slice_box_to_voxel_box(box, rendered)
+            for candidates, rendered in zip(proposals, slices, strict=True)
+            for box in candidates
+            if box.width > 0 and box.height > 0
+        ]
         examined = set(result.slice_indices)
         scored: list[tuple[VoxelBox, list[int]]] = []
         for box in linked:
             span = [k for k in range(int(box.lo[result.axis]), int(box.hi[result.axis])) if k in examined]
-            support = sorted(
-                {
-                    int(d.lo[result.axis])
-                    for d in detections
-                    if d.label == box.label and box.lo[result.axis] <= d.lo[result.axis] < box.hi[result.axis]
-                }
-            )
+            support = sorted({int(d.lo[result.axis]) for d in detections if _inside(d, box)})
             score = (1.0 if box.score is None else box.score) * len(support) / max(1, len(span))
-            scored.append((VoxelBox(box.lo, box.hi, label=box.label, score=round(score, 4)), support))
+            # grown after scoring: the caps it takes in are weak evidence of the finding's extent, not its existence
+            (grown,) = extend_into_weak_detections(
+                [box], weak, result.axis, min_score=self.config.extend_score, max_extend=self.config.max_extend
+            )
+            scored.append((VoxelBox(grown.lo, grown.hi, label=box.label, score=round(score, 4)), support))
         scored.sort(key=lambda item: -item[0].score)
         result.voxel_boxes = [box for box, _ in scored]
         result.box_slices = [support for _, support in scored]
@@ -395,6 +405,12 @@ class VolumePipeline:
 
 def _labelled(box: Box2D, label: str | None, score: float | None) -> Box2D:
     return Box2D(box.x1, box.y1, box.x2, box.y2, label=label, score=score)
+
+
+def _inside(detection: VoxelBox, box: VoxelBox) -> bool:
+    """Whether a one-slice detection's centre lies inside a 3D box (it supports that box)."""
+    centre = (detection.lo + detection.hi) / 2
+    return bool(np.all(box.lo <= centre) and np.all(centre <= box.hi))
 
 
 def _iou_or_zero(a: Box2D | None, b: Box2D | None) -> float:

@@ -16,7 +16,7 @@ from monai.data.box_utils import non_max_suppression
 
 from monailabel_evlf.imaging.geometry import VoxelBox, box_iou_2d
 
-__all__ = ["link_slice_detections"]
+__all__ = ["extend_into_weak_detections", "link_slice_detections"]
 
 
 @dataclass
@@ -120,6 +120,52 @@ def _track_box(track: _Track, axis: int, plane_axes: tuple[int, int], extent: st
         votes[member.label] = votes.get(member.label, 0.0) + _score(member)
     label = max(votes, key=lambda name: (votes[name], name is not None))
     return VoxelBox(lo=lo, hi=hi, label=label, score=score)
+
+
+def extend_into_weak_detections(
+    boxes: Sequence[VoxelBox],
+    weak: Sequence[VoxelBox],
+    axis: int,
+    *,
+    min_score: float,
+    max_extend: int = 2,
+) -> list[VoxelBox]:
+    """Hysteresis along ``axis``: grow each 3D box slice by slice into weak one-slice detections that continue it.
+
+    A lesion's first and last slices show a small, faint cap; the model often leaves it unreported while its
+    detector still puts a low-scored region there. From each end of a box, the next slice is taken into the box
+    while it holds a weak detection (score >= ``min_score``) whose in-plane centre lies inside the box's section,
+    up to ``max_extend`` slices per end (Canny's strong seeds and weak continuations). In-plane extent, label and
+    score are unchanged: a cap lies inside the section and adds no evidence that the finding exists.
+    """
+    if axis not in (0, 1, 2) or max_extend < 0:
+        raise ValueError(f"need axis in (0, 1, 2) and max_extend >= 0, got {axis}, {max_extend}")
+    plane_axes = tuple(n for n in range(3) if n != axis)
+    centres: dict[int, list[np.ndarray]] = {}  # per slice, the in-plane centres of the weak detections
+    for box in weak:
+        if _score(box) >= min_score:
+            plane = _plane(box, plane_axes)
+            centres.setdefault(_slice_index(box, axis), []).append((plane[:2] + plane[2:]) / 2)
+    out = []
+    for box in boxes:
+        section = _plane(box, plane_axes)
+        lo, hi = int(box.lo[axis]), int(box.hi[axis])
+        for _ in range(max_extend):
+            if not _any_inside(centres.get(lo - 1, []), section):
+                break
+            lo -= 1
+        for _ in range(max_extend):
+            if not _any_inside(centres.get(hi, []), section):
+                break
+            hi += 1
+        new_lo, new_hi = box.lo.copy(), box.hi.copy()
+        new_lo[axis], new_hi[axis] = lo, hi
+        out.append(VoxelBox(lo=new_lo, hi=new_hi, label=box.label, score=box.score))
+    return out
+
+
+def _any_inside(points: Sequence[np.ndarray], section: np.ndarray) -> bool:
+    return any(np.all(section[:2] <= p) and np.all(p <= section[2:]) for p in points)
 
 
 def _score(box: VoxelBox) -> float:

@@ -145,6 +145,7 @@ def evaluate_studies(
         result = pipeline.ground(Volume(image, affine, {"modality": truth.get("modality", "CT")}))
         lesions = _truth_boxes(truth)
         found, is_true = match_study(result.voxel_boxes, lesions, iou_threshold)
+        iou = np.atleast_2d(box_iou_3d(list(result.voxel_boxes), lesions)) if result.voxel_boxes and lesions else None
         report.studies.append(
             {
                 "study_id": truth.get("study_id"),
@@ -152,6 +153,11 @@ def evaluate_studies(
                 "found": found,
                 "boxes": len(result.voxel_boxes),
                 "false_boxes": int(sum(not t for t in is_true)),
+                # why a lesion was missed: its best 3D IoU with any box, and its voxel extent
+                "lesion_best_iou": [
+                    round(float(v), 3) for v in (iou.max(axis=0) if iou is not None else [0.0] * len(lesions))
+                ],
+                "lesion_extent_voxels": [(b.hi - b.lo).round(1).tolist() for b in lesions],
             }
         )
         report.box_scores += [float(b.score or 0.0) for b in result.voxel_boxes]
