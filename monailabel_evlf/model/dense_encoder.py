@@ -23,8 +23,6 @@ class EVLFDenseEncoderConfig(PreTrainedConfig):
     stage_channels: channels at strides 1, 2 and 4.
     hidden_size: channels of the fused output grid.
     patch_size: the output stride (2): the grid is ``image_size // patch_size`` cells a side.
-    stem_to_grid: also fuse the stride-1 stem into the grid, pixel-unshuffled (each cell keeps its 2x2 pixels as
-        channels), so a box edge can be placed within a cell: a 2-4 px lesion spans only 1-2 cells.
     """
 
     model_type = "evlf_dense_encoder"
@@ -34,7 +32,6 @@ class EVLFDenseEncoderConfig(PreTrainedConfig):
     stage_channels: list[int] | tuple[int, ...] = (16, 32, 64)
     hidden_size: int = 48
     patch_size: int = 2
-    stem_to_grid: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -73,9 +70,8 @@ class EVLFDenseEncoder(PreTrainedModel):
         self.stage2 = nn.Sequential(_conv(c1, c2, stride=2), _conv(c2, c2, dilation=2))
         self.stage3 = nn.Sequential(_conv(c2, c3, stride=2), _conv(c3, c3, dilation=2), _conv(c3, c3, dilation=4))
         # 1x1 fusion: the dilated stages already give each cell its context; a 3x3 here would cost most of the FLOPs
-        fused_inputs = c2 + c3 + (4 * c1 if config.stem_to_grid else 0)
         self.fuse = nn.Sequential(
-            nn.Conv2d(fused_inputs, config.hidden_size, 1),
+            nn.Conv2d(c2 + c3, config.hidden_size, 1),
             nn.ReLU(inplace=True),
             nn.Conv2d(config.hidden_size, config.hidden_size, 1),
         )
@@ -89,11 +85,9 @@ class EVLFDenseEncoder(PreTrainedModel):
             super()._init_weights(module)
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
-        stem = self.stem(pixel_values)
-        mid = self.stage2(stem)
+        mid = self.stage2(self.stem(pixel_values))
         deep = nn.functional.interpolate(self.stage3(mid), size=mid.shape[-2:], mode="bilinear", align_corners=False)
-        maps = [mid, deep, nn.functional.pixel_unshuffle(stem, 2)] if self.config.stem_to_grid else [mid, deep]
-        return BaseModelOutput(last_hidden_state=self.fuse(torch.cat(maps, dim=1)))
+        return BaseModelOutput(last_hidden_state=self.fuse(torch.cat([mid, deep], dim=1)))
 
 
 AutoConfig.register("evlf_dense_encoder", EVLFDenseEncoderConfig, exist_ok=True)

@@ -90,7 +90,6 @@ def build_tiny_evlf(
     num_proposals: int = 0,
     dense_channels: tuple[int, int, int] = (16, 32, 64),
     dense_hidden_size: int = 48,
-    stem_to_grid: bool = False,
     num_heads: int = 4,
     seed: int = 0,
 ):
@@ -121,10 +120,7 @@ def build_tiny_evlf(
     vision = {"num_hidden_layers": 1, "num_attention_heads": 2, "hidden_size": 32, "patch_size": patch_size}
     if num_proposals:
         pixel_config = EVLFDenseEncoderConfig(
-            image_size=image_size,
-            stage_channels=list(dense_channels),
-            hidden_size=dense_hidden_size,
-            stem_to_grid=stem_to_grid,
+            image_size=image_size, stage_channels=list(dense_channels), hidden_size=dense_hidden_size
         )
         detection = {
             "num_proposals": num_proposals,
