@@ -51,7 +51,7 @@ class AppConfig:
     slice_axis: int | None = None  # None: the volume axis closest to patient S-I (axial)
     slice_stride: int = 1
     max_slices: int = 64
-    window: str = "abdomen"  # CT preset name or "level,width" in HU
+    window: str = "model"  # the model's own input window, else a CT preset / "level,width" (HU), or three
     image_size: int = 96  # rendered slice width and height in pixels
     batch_size: int = 8  # slices per backend.generate call
     max_new_tokens: int = 96
@@ -96,6 +96,12 @@ class AppConfig:
     def targets(self) -> tuple[str, ...]:
         return self.findings or tuple(label for label in self.labels if label != NORMAL_LABEL)
 
+    def window_for(self, backend: object) -> str:
+        """The configured window, or for ``model`` the backend's ``input_window`` (what it was trained on)."""
+        from monailabel_evlf.imaging.windowing import resolve_window
+
+        return resolve_window(self.window, getattr(backend, "input_window", None))
+
 
 def _int(option: str, value: str, minimum: int) -> int:
     try:
@@ -128,11 +134,14 @@ def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 def check_window(option: str, value: str, modality: str) -> str:
-    """A window the imaging module understands: CT preset, ``auto``, ``percentile[:lo,hi]`` or ``level,width``."""
-    from monailabel_evlf.imaging.windowing import parse_window
+    """``model`` (the window the model was trained with) or windows the imaging module understands: a CT preset,
+    ``auto``, ``percentile[:lo,hi]`` or ``level,width``, one or three ``/``-separated (one per RGB channel)."""
+    from monailabel_evlf.imaging.windowing import MODEL_WINDOW, window_channels
 
+    if value == MODEL_WINDOW:
+        return value
     try:
-        parse_window(value, modality)
+        window_channels(value, modality)
     except ValueError as exc:
         raise ConfigError(option, str(exc)) from None
     return value

@@ -74,7 +74,7 @@ class EVLFTrainTask(TrainTask):
         return SampleOptions(
             box_codec=backend.box_codec,
             size=size,
-            window=self.app_config.window,
+            window=self.app_config.window_for(backend),
             labels=self.app_config.targets,
             modality=self.app_config.modality,
         )

@@ -16,7 +16,7 @@ from monai.transforms import Resize
 
 from monailabel_evlf.imaging.geometry import Box2D, VoxelBox, affine_spacing_and_directions
 from monailabel_evlf.imaging.volume import Volume
-from monailabel_evlf.imaging.windowing import WindowSpec, apply_window, window_bounds
+from monailabel_evlf.imaging.windowing import WindowSpec, apply_window, window_bounds, window_channels
 
 __all__ = [
     "RenderedSlice",
@@ -177,8 +177,9 @@ def _windowed_channels(
     volume: Volume, planes: np.ndarray, window: WindowSpec | Sequence[WindowSpec]
 ) -> list[np.ndarray]:
     modality = str(volume.meta.get("modality", "CT"))
-    specs = list(window) if isinstance(window, list | tuple) and len(window) == 3 else [window]
-    return [apply_window(planes, window_bounds(volume.array, spec, modality)) for spec in specs]
+    return [
+        apply_window(planes, window_bounds(volume.array, spec, modality)) for spec in window_channels(window, modality)
+    ]
 
 
 def render_slices(
@@ -192,7 +193,8 @@ def render_slices(
     """Render slices as RGB uint8 pictures of ``size`` ``(width, height)`` in radiological display.
 
     ``window``: one window (grey picture; see :func:`windowing.parse_window`) or three (one per RGB channel, e.g.
-    ``["lung", "soft_tissue", "bone"]``). All slices are cut, windowed and resized as one batch.
+    ``["lung", "soft_tissue", "bone"]`` or ``"lung/soft_tissue/bone"``). All slices are cut, windowed and resized
+    as one batch.
     Resizing is bilinear with pixel centres at ``x + 0.5`` (anti-aliased when shrinking), consistent with the
     edge coordinates of ``pixel_to_plane``. ``size=None`` keeps the grid with square pixels in mm.
     """

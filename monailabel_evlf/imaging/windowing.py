@@ -19,7 +19,9 @@ __all__ = [
     "Window",
     "apply_window",
     "parse_window",
+    "resolve_window",
     "window_bounds",
+    "window_channels",
 ]
 
 
@@ -53,6 +55,32 @@ CT_WINDOWS: dict[str, Window] = {
 }
 
 WindowSpec = str | Window | PercentileWindow | tuple[float, float]
+CHANNEL_SEPARATOR = "/"  # "abdomen/liver/40,80": one window per RGB channel
+MODEL_WINDOW = "model"  # "the window the model was trained with" (a model records it; see resolve_window)
+FALLBACK_WINDOW = "abdomen"  # for models that record none (any Hugging Face VLM)
+
+
+def resolve_window(spec: str, model_window: str | None) -> str:
+    """``spec``, or for :data:`MODEL_WINDOW` the model's own ``model_window`` (else :data:`FALLBACK_WINDOW`):
+    slices must be rendered the way the model saw them in training."""
+    return (model_window or FALLBACK_WINDOW) if spec == MODEL_WINDOW else spec
+
+
+def window_channels(spec: WindowSpec | Sequence[WindowSpec], modality: str = "CT") -> list[WindowSpec]:
+    """The window of each picture channel: one (a grey picture) or three (RGB), each checked by
+    :func:`parse_window`. Three windows let a model see subtle contrast (a narrow window) and the whole soft-tissue
+    range at once, as multi-window CT inputs do; a string names them ``"abdomen/liver/40,80"``."""
+    if isinstance(spec, str):
+        parts = [part.strip() for part in spec.split(CHANNEL_SEPARATOR)]
+    elif isinstance(spec, list | tuple) and len(spec) == 3:
+        parts = list(spec)
+    else:
+        parts = [spec]
+    if len(parts) not in (1, 3):
+        raise ValueError(f"give one window or three (one per RGB channel, '/'-separated), got {spec!r}")
+    for part in parts:
+        parse_window(part, modality)
+    return parts
 
 
 def parse_window(spec: WindowSpec, modality: str = "CT") -> Window | PercentileWindow:

@@ -29,6 +29,9 @@ class EVLFConfig(PreTrainedConfig):
     region_token_id / coordinate_token_id: the placeholders of a proposal's region token and its four numbers.
     number_token_ids: the token ids of "0".."100" (the NORMALIZED_100 box numbers) for the coordinate tokens.
     flip_average: average the proposal maps of the slice and its mirror image (test-time flip) when proposing.
+    input_window: how slices were windowed for this model in training (``imaging.windowing.window_channels``
+        syntax, e.g. ``"abdomen/liver/40,80"``, one window per RGB channel); the app renders the same way unless
+        told otherwise. ``None``: not recorded.
     """
 
     model_type = "evlf"
@@ -55,6 +58,7 @@ class EVLFConfig(PreTrainedConfig):
     coordinate_token_id: int = 0
     number_token_ids: list[int] | None = None
     flip_average: bool = True
+    input_window: str | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -51,7 +51,11 @@ def _add_sample_args(parser: argparse.ArgumentParser) -> None:
         "--tasks", nargs="+", default=["grounding", "diagnosis"], choices=["grounding", "diagnosis", "vqa"]
     )
     parser.add_argument("--size", nargs=2, type=int, default=None, metavar=("W", "H"), help="rendered slice size")
-    parser.add_argument("--window", default="abdomen", help="CT window preset or level,width (default abdomen)")
+    parser.add_argument(
+        "--window",
+        default="model",
+        help="CT window preset, level,width, or three '/'-separated (RGB); default: the model's own training window",
+    )
 
 
 def load_backend_from_args(args: argparse.Namespace) -> Any:
@@ -68,10 +72,12 @@ def load_backend_from_args(args: argparse.Namespace) -> Any:
 
 
 def sample_options_from_args(args: argparse.Namespace, backend: Any) -> Any:
+    from monailabel_evlf.imaging.windowing import resolve_window
     from monailabel_evlf.training.samples import SampleOptions
 
     size = tuple(args.size) if args.size else (96, 96)
-    return SampleOptions(box_codec=backend.box_codec, size=size, window=args.window, tasks=tuple(args.tasks))
+    window = resolve_window(args.window, getattr(backend, "input_window", None))
+    return SampleOptions(box_codec=backend.box_codec, size=size, window=window, tasks=tuple(args.tasks))
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -81,7 +87,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from monailabel_evlf.training.study_evaluation import evaluate_studies
 
     backend = load_backend_from_args(args)
-    samples = load_samples(args.data, sample_options_from_args(args, backend))
+    options = sample_options_from_args(args, backend)
+    samples = load_samples(args.data, options)
     if args.limit:
         samples = samples[: args.limit]
     report = evaluate(backend, samples, batch_size=args.batch_size, consistency_variants=args.consistency)
@@ -89,7 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
     print(report.to_text())
     if args.studies and (Path(args.data) / "ground_truth").is_dir():
         studies = phantom_folder_studies(args.data)
-        study_report = evaluate_studies(backend, studies, PipelineConfig(window=args.window))
+        study_report = evaluate_studies(backend, studies, PipelineConfig(window=options.window))
         paths += list(study_report.save(args.out).values())
         print(study_report.to_text())
     print(f"\nwrote {', '.join(str(p) for p in paths)}")

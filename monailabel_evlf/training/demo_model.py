@@ -153,6 +153,7 @@ def build_demo_model(
     timings: dict[str, float] = {}
 
     model, processor = build_tiny_evlf(None, **{**config.model, "train_encoders": True})
+    model.config.input_window = config.data.window  # the app renders slices the way the model learnt them
     smooth_number_embeddings(model, processor.tokenizer)
     model.save_pretrained(work / "init", safe_serialization=True)
     processor.save_pretrained(work / "init")

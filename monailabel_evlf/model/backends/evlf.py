@@ -44,6 +44,11 @@ class EVLFBackend(HFVLMBackend):
             ids |= {config.region_token_id, config.coordinate_token_id}
         return sorted(ids)
 
+    @property
+    def input_window(self) -> str | None:
+        """The window(s) the model was trained on (``EVLFConfig.input_window``), for rendering slices alike."""
+        return self.model.config.input_window
+
     # ----- the detection pixel connector ----------------------------------------------------------------------
     @property
     def has_proposals(self) -> bool:
