@@ -32,6 +32,7 @@ from monailabel_evlf.imaging.slicing import (
     slice_box_to_voxel_box,
 )
 from monailabel_evlf.imaging.volume import Volume
+from monailabel_evlf.imaging.windowing import MODEL_WINDOW, resolve_window
 from monailabel_evlf.model.backend import SamplingConfig, VLMBackend
 from monailabel_evlf.tasks.labels import NORMAL_LABEL, LabelMatcher
 from monailabel_evlf.tasks.parsing import ParsedAnswer, parse_answer
@@ -48,7 +49,7 @@ class PipelineConfig:
     slice_stride: int = 1
     max_slices: int = 64
     skip_outside_body: bool = True
-    window: str | tuple[float, float] = "abdomen"
+    window: str | tuple[float, float] = MODEL_WINDOW  # "model": the backend's own input_window (else abdomen)
     image_size: int = 96
     batch_size: int = 8
     max_new_tokens: int = 96
@@ -155,6 +156,8 @@ class VolumePipeline:
     def __init__(self, backend: VLMBackend, config: PipelineConfig | None = None) -> None:
         self.backend = backend
         self.config = config or PipelineConfig()
+        # slices are rendered the way the model saw them in training unless a window is configured
+        self.window = resolve_window(self.config.window, getattr(backend, "input_window", None))
         # model text -> the configured vocabulary ("Cyst." / "a simple cyst" -> "cyst"); unknown text stays as is
         self.matcher = LabelMatcher(self.config.labels)
 
@@ -190,7 +193,7 @@ class VolumePipeline:
         if not indices:
             return axis, []
         size = (self.config.image_size, self.config.image_size)
-        return axis, render_slices(volume, list(indices), axis=axis, size=size, window=self.config.window)
+        return axis, render_slices(volume, list(indices), axis=axis, size=size, window=self.window)
 
     def generate(
         self,

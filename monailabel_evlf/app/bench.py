@@ -97,8 +97,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     conf = {"backend": args.backend, "model": args.model, "batch_size": str(args.batch_size), **dict(args.conf)}
     config = parse_app_config(conf)
     model, note = resolve_model(config)
-    backend = load_configured_backend(config, model)
-    pipeline = VolumePipeline(backend, pipeline_config(config, backend))
+    pipeline = VolumePipeline(load_configured_backend(config, model), pipeline_config(config))
     volume = load_volume(image)
     report: dict[str, Any] = {
         "model": pipeline.backend.model_id,

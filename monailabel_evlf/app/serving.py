@@ -37,14 +37,14 @@ def public_name(name: str) -> str:
     return path.name if path.is_absolute() or path.exists() else name
 
 
-def pipeline_config(config: AppConfig, backend: VLMBackend) -> PipelineConfig:
+def pipeline_config(config: AppConfig) -> PipelineConfig:
     return PipelineConfig(
         modality=config.modality,
         labels=config.vocabulary,
         slice_axis=config.slice_axis,
         slice_stride=config.slice_stride,
         max_slices=config.max_slices,
-        window=config.window_for(backend),
+        window=config.window,
         image_size=config.image_size,
         batch_size=config.batch_size,
         max_new_tokens=config.max_new_tokens,
@@ -85,7 +85,7 @@ class ServedModel:
         removed = self.registry.remove_incomplete()  # folders a kill left mid-save; never promoted, never served
         if removed:
             logger.warning("removed %d incomplete adapter folder(s) left by an interrupted save", removed)
-        self.pipeline = VolumePipeline(self.backend, pipeline_config(config, self.backend))
+        self.pipeline = VolumePipeline(self.backend, pipeline_config(config))
         self.adapter_version: str | None = None
         self._lock = threading.Lock()
         self.refresh_adapter()

@@ -96,7 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
     print(report.to_text())
     if args.studies and (Path(args.data) / "ground_truth").is_dir():
         studies = phantom_folder_studies(args.data)
-        study_report = evaluate_studies(backend, studies, PipelineConfig(window=options.window))
+        study_report = evaluate_studies(backend, studies, PipelineConfig(window=args.window))
         paths += list(study_report.save(args.out).values())
         print(study_report.to_text())
     print(f"\nwrote {', '.join(str(p) for p in paths)}")
