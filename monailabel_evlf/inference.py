@@ -34,9 +34,10 @@ from monailabel_evlf.imaging.slicing import (
 from monailabel_evlf.imaging.volume import Volume
 from monailabel_evlf.imaging.windowing import MODEL_WINDOW, resolve_window
 from monailabel_evlf.model.backend import SamplingConfig, VLMBackend
-from monailabel_evlf.tasks.labels import NORMAL_LABEL, LabelMatcher
+from monailabel_evlf.tasks.labels import NORMAL_LABEL, LabelMatcher, normalize
 from monailabel_evlf.tasks.parsing import ParsedAnswer, parse_answer
 from monailabel_evlf.tasks.prompts import diagnosis_prompt, grounding_prompt, vqa_prompt
+from monailabel_evlf.tasks.questions import organ_matches, parse_study_question
 
 
 @dataclass(frozen=True)
@@ -377,6 +378,60 @@ class VolumePipeline:
         result.timings["total"] = time.perf_counter() - started
         return result
 
+    def answer_study(
+        self,
+        volume: Volume,
+        question: str,
+        options: Sequence[str] | None = None,
+        grounded: VolumeResult | None = None,
+    ) -> VolumeResult:
+        """A question about the whole study (:mod:`~monailabel_evlf.tasks.questions`): presence and counts from the
+        study's 3D findings (:meth:`ground`; a finding's organ is asked on its middle slice when the question names
+        one), questions about a finding asked on the middle slice of the largest one, anything else by slice vote.
+        ``scores`` holds the 3D findings the answer rests on (label -> score); ``grounded``: this volume's
+        :meth:`ground` result if already at hand (several questions about one study)."""
+        if not question or not question.strip():
+            raise ValueError("a VQA request needs a non-empty 'question'")
+        started = time.perf_counter()
+        asked = parse_study_question(question, [label for label in self.config.labels if label != NORMAL_LABEL])
+        if asked.kind == "other":
+            return self.answer(volume, question, options)
+        found = grounded or self.ground(volume)
+        boxes = list(zip(found.voxel_boxes, found.box_slices, strict=True))
+        if asked.organ is not None and boxes:
+            organ_question = "In which organ is the lesion?"
+            organs = [self.answer(volume, organ_question, indices=[self._middle(s)]).answer for _, s in boxes]
+            boxes = [b for b, organ in zip(boxes, organs, strict=True) if organ_matches(organ, asked.organ)]
+        where = f" in the {asked.organ}" if asked.organ else ""
+        if asked.kind == "finding" and boxes:
+            _, support = max(boxes, key=lambda item: float(np.prod(item[0].hi - item[0].lo)))
+            result = self.answer(volume, question, options, indices=[self._middle(support)])
+        else:
+            result = VolumeResult("vqa", self.backend.model_id, found.axis, found.slice_indices, found.answers)
+            if asked.kind == "count":
+                result.answer = _closest_option(str(len(boxes)), options)
+            elif asked.kind == "presence":
+                result.answer = _closest_option("yes" if boxes else "no", options)
+            else:  # a question about a finding where there is none
+                result.answer = "no finding"
+            labels = ", ".join(f"{b.label} (slices {s[0]}-{s[-1]}, score {b.score:.2f})" for b, s in boxes if s)
+            result.reasoning = (
+                f"The study shows {len(boxes)} finding(s){where} as 3D boxes: {labels}."
+                if boxes
+                else f"No finding{where} was seen on any examined slice."
+            )
+        result.task = "vqa"
+        result.voxel_boxes = [b for b, _ in boxes]
+        result.box_slices = [s for _, s in boxes]
+        result.world_boxes = [voxel_box_to_world(b, volume.affine) for b in result.voxel_boxes]
+        result.scores = {b.label or "finding": float(b.score or 0.0) for b in result.voxel_boxes}
+        result.timings["total"] = time.perf_counter() - started
+        return result
+
+    @staticmethod
+    def _middle(support: Sequence[int]) -> int:
+        return int(support[len(support) // 2])
+
     def disagreement(self, volume: Volume, n: int, seed: int = 0) -> dict[str, float]:
         """How much ``n`` sampled grounding answers per slice disagree: the active-learning uncertainty.
 
@@ -408,6 +463,11 @@ class VolumePipeline:
 
 def _labelled(box: Box2D, label: str | None, score: float | None) -> Box2D:
     return Box2D(box.x1, box.y1, box.x2, box.y2, label=label, score=score)
+
+
+def _closest_option(answer: str, options: Sequence[str] | None) -> str:
+    """``answer`` as the caller's option that says it ("Yes." for "yes"), or as is."""
+    return next((o for o in options or () if normalize(o) == normalize(answer)), answer)
 
 
 def _inside(detection: VoxelBox, box: VoxelBox) -> bool:

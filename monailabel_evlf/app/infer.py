@@ -166,14 +166,20 @@ class DiagnosisTask(EVLFInferTask):
             return pipeline.diagnose(volume, indices=_indices(request, pipeline, volume)), None, {}
 
 
+VQA_SCOPES = ("study", "slices")
+
+
 class VQATask(EVLFInferTask):
-    """``question`` (and optional ``options`` for a closed question) -> answer + reasoning."""
+    """``question`` (and optional ``options`` for a closed question) -> answer + reasoning. ``scope``: ``study``
+    (default; presence and counts from the study's 3D findings, see ``VolumePipeline.answer_study``) or ``slices``
+    (the most common answer over the examined slices)."""
 
     task_type = InferType.OTHERS
 
     def __init__(self, served: ServedModel, config: AppConfig) -> None:
         super().__init__(served, config, [], "EVLF visual question answering with reasoning (param: question)")
         self._config["question"] = ""
+        self._config["scope"] = VQA_SCOPES
 
     def run(self, volume, request):
         limits = self.app_config.limits
@@ -187,9 +193,14 @@ class VQATask(EVLFInferTask):
             or not all(isinstance(o, str) and 0 < len(o) <= 200 for o in options)
         ):
             raise bad_request(f"'options' must be a list of 1..{limits.max_options} strings of 1..200 characters")
+        scope = request.get("scope", VQA_SCOPES[0])
+        if scope not in VQA_SCOPES:
+            raise bad_request(f"'scope' must be one of {', '.join(VQA_SCOPES)}")
+        if scope == "study" and request.get("slices") is not None:
+            raise bad_request("'slices' picks slices for scope 'slices'; a study question looks at the whole study")
         with self.served.session() as pipeline:
-            return (
-                pipeline.answer(volume, question, options, indices=_indices(request, pipeline, volume)),
-                None,
-                {"question": question},
-            )
+            if scope == "study":
+                result = pipeline.answer_study(volume, question, options)
+            else:
+                result = pipeline.answer(volume, question, options, indices=_indices(request, pipeline, volume))
+            return result, None, {"question": question, "scope": scope}

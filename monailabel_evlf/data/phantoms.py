@@ -360,12 +360,14 @@ def make_phantom(
     n_lesions: int | None = None,
     orientation: str | None = None,
     study_id: str | None = None,
+    noise_sd_hu: tuple[float, float] | None = None,
 ) -> Phantom:
     """Generate one abdominal CT study, fully determined by ``seed`` and the arguments.
 
     ``kinds`` / ``organs`` restrict the lesion kinds and host organs (a distribution shift for experiments);
     ``n_lesions`` defaults to 0-4 drawn at random (several may share an organ), ``orientation`` (one of
-    :data:`ORIENTATIONS`) to a random one. A lesion that cannot be placed fully inside its host organ and the
+    :data:`ORIENTATIONS`) to a random one; ``noise_sd_hu`` is the range the quantum noise SD is drawn from (a
+    low-dose protocol is noisier than the default). A lesion that cannot be placed fully inside its host organ and the
     field of view is dropped (logged), so ``ground_truth["lesions"]`` is always what the image shows.
     """
     shape = tuple(int(s) for s in shape)
@@ -375,6 +377,9 @@ def make_phantom(
     organs = _check_choices("organs", organs, ORGANS)
     if n_lesions is not None and n_lesions < 0:
         raise ValueError(f"n_lesions must be >= 0, got {n_lesions}")
+    noise_range = _NOISE_SD_HU if noise_sd_hu is None else tuple(float(v) for v in noise_sd_hu)
+    if len(noise_range) != 2 or not 0 <= noise_range[0] <= noise_range[1]:
+        raise ValueError(f"noise_sd_hu must be (low, high) with 0 <= low <= high, got {noise_sd_hu}")
     rng = np.random.default_rng(seed)
     # always drawn, so giving the drawn value explicitly reproduces the same study
     drawn_orientation = str(rng.choice(ORIENTATIONS))
@@ -447,7 +452,7 @@ def make_phantom(
 
     # partial-volume blur of the edges, then quantum noise; CT stores integer HU
     image = gaussian_filter(image, 0.35)
-    noise_sd = rng.uniform(*_NOISE_SD_HU)
+    noise_sd = rng.uniform(*noise_range)
     image += noise_sd * _smooth_noise(rng, shape, 0.4)
     image = np.clip(np.rint(image), -1024.0, 3071.0).astype(np.float32)
 
@@ -492,12 +497,9 @@ def save_phantom(phantom: Phantom, out_dir: str | pathlib.Path, *, dicom: bool =
     _write_nifti(phantom.image.astype(np.int16), phantom.affine, out_dir / f"{study_id}.nii.gz")
     _write_nifti(phantom.labelmap, phantom.affine, truth_dir / f"{study_id}_lesions.nii.gz")
     # imported here: vqa reads this module's vocabularies
-    from monailabel_evlf.data.vqa import VQA_SUFFIX, study_vqa, write_vqa
+    from monailabel_evlf.data.vqa import VQA_SUFFIX, write_vqa
 
-    write_vqa(
-        study_vqa(phantom.ground_truth, [*phantom.ground_truth["generator"]["seed"], _VQA_STREAM]),
-        truth_dir / f"{study_id}{VQA_SUFFIX}",
-    )
+    write_vqa(vqa_items(phantom.ground_truth), truth_dir / f"{study_id}{VQA_SUFFIX}")
     sidecar = {
         **phantom.ground_truth,
         "files": {
@@ -531,6 +533,14 @@ def save_phantom(phantom: Phantom, out_dir: str | pathlib.Path, *, dicom: bool =
         }
     (truth_dir / f"{study_id}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar
+
+
+def vqa_items(ground_truth: dict[str, Any]) -> list[Any]:
+    """The study's ground-truth VQA set (:func:`monailabel_evlf.data.vqa.study_vqa`), seeded apart from its image:
+    what ``save_phantom`` writes, for in-memory phantoms too."""
+    from monailabel_evlf.data.vqa import study_vqa
+
+    return study_vqa(ground_truth, [*ground_truth["generator"]["seed"], _VQA_STREAM])
 
 
 def study_id_for(seed: int, index: int) -> str:

@@ -33,7 +33,8 @@ class LearningLoopConfig:
     held_out_cases: int = 48
     seed: int = 2024
     size: tuple[int, int] = (96, 96)
-    window: str = "abdomen"
+    window: str = "model"  # "model": the window the model was trained with
+    noise_sd_hu: tuple[float, float] | None = None  # the shift: a noisier (low-dose) protocol
     phantom_shape: tuple[int, int, int] = (96, 96, 40)
     methods: list[str] = field(default_factory=lambda: ["sft", "grpo", "sft+grpo"])
     detector: dict[str, Any] | None = None  # the detector stage before each method (detection-connector models)
@@ -63,6 +64,7 @@ def shifted_cases(config: LearningLoopConfig, count: int, seed_offset: int, opti
             kinds=config.kinds,
             organs=config.organs,
             n_lesions=1,
+            noise_sd_hu=config.noise_sd_hu,
         )
         index += 1
         lesions = phantom.ground_truth["lesions"]
@@ -76,6 +78,7 @@ def shifted_cases(config: LearningLoopConfig, count: int, seed_offset: int, opti
 
 def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """The whole benchmark; writes ``learning_loop.json``, ``learning_loop.md`` and ``learning_loop.png``."""
+    from monailabel_evlf.imaging.windowing import resolve_window
     from monailabel_evlf.model import load_backend
     from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, SFTConfig, config_from_dict
     from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
@@ -90,9 +93,8 @@ def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progre
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     backend = load_backend(config.backend, config.model)
-    options = SampleOptions(
-        box_codec=backend.box_codec, size=tuple(config.size), window=config.window, tasks=("grounding",)
-    )
+    window = resolve_window(config.window, getattr(backend, "input_window", None))
+    options = SampleOptions(box_codec=backend.box_codec, size=tuple(config.size), window=window, tasks=("grounding",))
     train_cases = shifted_cases(config, max(config.shots), 1, options)
     held_out = [s for case in shifted_cases(config, config.held_out_cases, 2, options) for s in case]
     sft_config, grpo_config = config_from_dict(SFTConfig, config.sft), config_from_dict(GRPOConfig, config.grpo)

@@ -7,7 +7,10 @@ across the study's slices. Here every study goes through :meth:`VolumePipeline.g
 - lesion recall: share of lesions matched by one 3D box with 3D IoU >= ``iou_threshold`` (0.5);
 - false boxes per lesion-free study, and per study with lesions (boxes matching no lesion);
 - box-score AUROC: do the boxes' scores rank true boxes above false ones (Mann-Whitney U / (n_true * n_false));
-- a reliability table / plot: share of true boxes per score bin.
+- a reliability table / plot: share of true boxes per score bin;
+- study questions (the phantoms' VQA set, scope "study": presence, counts, the largest lesion's organ / side /
+  kind / size / position, modality) answered by :meth:`VolumePipeline.answer_study`, the app's ``evlf_vqa``
+  default: closed accuracy and open recall, overall and per question type.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class StudyReport:
     studies: list[dict[str, Any]] = field(default_factory=list)
     box_scores: list[float] = field(default_factory=list)
     box_true: list[bool] = field(default_factory=list)
+    vqa: list[dict[str, Any]] = field(default_factory=list)  # question_type, closed, reference, prediction
 
     def metrics(self) -> dict[str, float]:
         lesions = sum(s["lesions"] for s in self.studies)
@@ -50,6 +54,20 @@ class StudyReport:
             ),
             "box_score_auroc": box_auroc(self.box_scores, self.box_true),
         }
+        return out
+
+    def vqa_estimates(self) -> dict[str, Any]:
+        """Study-question closed accuracy / open recall (with n and 95% interval), overall and per question type."""
+        from monailabel_evlf.tasks.metrics import vqa_estimates
+
+        def table(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            return vqa_estimates(
+                [r["reference"] for r in rows], [r["prediction"] for r in rows], [r["closed"] for r in rows]
+            )
+
+        out: dict[str, Any] = {"all": table(self.vqa)} if self.vqa else {}
+        for qtype in sorted({r["question_type"] for r in self.vqa}):
+            out[qtype] = table([r for r in self.vqa if r["question_type"] == qtype])
         return out
 
     def reliability(self, bins: int = 10) -> list[dict[str, float]]:
@@ -78,6 +96,11 @@ class StudyReport:
             f"    {r['bin']:<8} {r['n']:5d} {r['mean_score']:6.3f} {r['true_fraction']:6.3f}"
             for r in self.reliability()
         ]
+        if self.vqa:
+            lines.append("  study questions (evlf_vqa scope study): metric, value, n, 95% interval")
+            for group, estimates in self.vqa_estimates().items():
+                for name, e in estimates.items():
+                    lines.append(f"    {group:<14} {name:<16} {e.value:6.3f}  {e.interval_text()}")
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
@@ -86,7 +109,14 @@ class StudyReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "studies.json", "text": out / "studies.txt", "png": out / "reliability.png"}
-        payload = {"metrics": self.metrics(), "reliability": self.reliability(), "studies": self.studies}
+        vqa = {g: {k: e.to_json() for k, e in est.items()} for g, est in self.vqa_estimates().items()}
+        payload = {
+            "metrics": self.metrics(),
+            "reliability": self.reliability(),
+            "study_vqa": vqa,
+            "studies": self.studies,
+            "study_vqa_answers": self.vqa,
+        }
         paths["json"].write_text(json.dumps(payload, indent=2, default=float) + "\n")
         paths["text"].write_text(self.to_text() + "\n")
         plot_reliability(self.reliability(), paths["png"])
@@ -135,14 +165,18 @@ def evaluate_studies(
     pipeline_config: Any = None,
     *,
     iou_threshold: float = 0.5,
+    questions: bool = True,
 ) -> StudyReport:
-    """Run the grounding pipeline on ``(image, affine, ground_truth)`` studies and score their 3D boxes."""
+    """Run the grounding pipeline on ``(image, affine, ground_truth)`` studies and score their 3D boxes; with
+    ``questions``, also the study's ground-truth study questions (:func:`data.phantoms.vqa_items`)."""
+    from monailabel_evlf.data.phantoms import vqa_items
     from monailabel_evlf.inference import VolumePipeline
 
     pipeline = VolumePipeline(backend, pipeline_config)
     report = StudyReport()
     for image, affine, truth in studies:
-        result = pipeline.ground(Volume(image, affine, {"modality": truth.get("modality", "CT")}))
+        volume = Volume(image, affine, {"modality": truth.get("modality", "CT")})
+        result = pipeline.ground(volume)
         lesions = _truth_boxes(truth)
         found, is_true = match_study(result.voxel_boxes, lesions, iou_threshold)
         iou = np.atleast_2d(box_iou_3d(list(result.voxel_boxes), lesions)) if result.voxel_boxes and lesions else None
@@ -162,6 +196,18 @@ def evaluate_studies(
         )
         report.box_scores += [float(b.score or 0.0) for b in result.voxel_boxes]
         report.box_true += is_true
+        for item in [i for i in vqa_items(truth) if i.scope == "study"] if questions else []:
+            answered = pipeline.answer_study(volume, item.question, item.options, grounded=result)
+            report.vqa.append(
+                {
+                    "study_id": truth.get("study_id"),
+                    "question": item.question,
+                    "question_type": item.question_type,
+                    "closed": item.options is not None,
+                    "reference": item.answer,
+                    "prediction": answered.answer,
+                }
+            )
     return report
 
 

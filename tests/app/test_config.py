@@ -54,6 +54,7 @@ def test_values_are_typed():
         ("slice_axis", "3", "0, 1, 2"),
         ("window", "bright", "unknown window"),
         ("window", "40,-5", "positive"),
+        ("window", "abdomen/liver", "one window or three"),
         ("labels", " , ", "at least one"),
         ("model", "", "empty"),
         ("output", "png", "markups"),
@@ -80,3 +81,12 @@ def test_demo_falls_back_to_tiny_with_a_note(monkeypatch, tmp_path):
     monkeypatch.setattr(config_module, "DEMO_MODEL_DIR", tmp_path / "demo")
     assert resolve_model(AppConfig()) == (str(tmp_path / "demo"), "")
     assert resolve_model(AppConfig(model="org/name")) == ("org/name", "")
+
+
+def test_window_defaults_to_the_models_own_and_a_configured_one_wins():
+    class Backend:
+        input_window = "abdomen/liver/40,80"
+
+    assert parse_app_config({}).window_for(Backend()) == "abdomen/liver/40,80"
+    assert parse_app_config({}).window_for(object()) == "abdomen"  # a model that records none
+    assert parse_app_config({"window": "lung/soft_tissue/bone"}).window_for(Backend()) == "lung/soft_tissue/bone"

@@ -254,6 +254,14 @@ def test_normal_study_has_no_lesion():
     assert "No focal lesion" in phantom.ground_truth["report"]
 
 
+def test_a_low_dose_protocol_is_noisier_and_changes_nothing_else():
+    standard, low_dose = make_phantom(3, shape=SMALL), make_phantom(3, shape=SMALL, noise_sd_hu=(40.0, 40.0))
+    assert json.dumps(standard.ground_truth) == json.dumps(low_dose.ground_truth)  # same anatomy and lesions
+    np.testing.assert_array_equal(standard.labelmap, low_dose.labelmap)
+    background = standard.labelmap == 0
+    assert (low_dose.image - standard.image)[background].std() > 15.0  # 40 HU SD against 6-18 HU, then smoothed
+
+
 def test_same_seed_same_phantom_other_seed_other_phantom():
     a, b = make_phantom(7, shape=SMALL), make_phantom(7, shape=SMALL)
     np.testing.assert_array_equal(a.image, b.image)
@@ -302,6 +310,7 @@ def test_kinds_and_organs_restrict_the_lesions(seed, kinds, organs):
         ({"shape": (48, 48)}, "shape"),
         ({"orientation": "sideways"}, "orientation"),
         ({"n_lesions": -1}, "n_lesions"),
+        ({"noise_sd_hu": (30.0, 10.0)}, "noise_sd_hu"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):

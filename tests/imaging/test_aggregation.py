@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monailabel_evlf.imaging.aggregation import link_slice_detections
+from monailabel_evlf.imaging.aggregation import extend_into_weak_detections, link_slice_detections
 from monailabel_evlf.imaging.geometry import VoxelBox
 
 
@@ -101,3 +101,35 @@ def test_bad_input_raises_value_error() -> None:
     with pytest.raises(ValueError, match="min_slices"):
         link_slice_detections(LESION, axis=2, min_slices=0)
     assert link_slice_detections([], axis=1) == []
+
+
+# --- hysteresis: a 3D box grows into weak detections that continue it (its faint first / last slices) -------------
+BOX = VoxelBox(lo=[10, 10, 5], hi=[20, 20, 8], label="cyst", score=0.7)  # slices 5, 6, 7
+
+
+def test_box_grows_into_weak_caps_inside_its_section_up_to_max_extend() -> None:
+    weak = [
+        _det(4, 13, 13, 16, 16, score=0.2),  # cap below, centre (14.5, 14.5) inside: taken
+        _det(3, 14, 14, 16, 16, score=0.3),  # the next one down: taken (second slice)
+        _det(2, 14, 14, 16, 16, score=0.9),  # a third: over max_extend=2
+        _det(8, 30, 30, 34, 34, score=0.9),  # above, but centre outside the section: not taken
+    ]
+    (grown,) = extend_into_weak_detections([BOX], weak, axis=2, min_score=0.1, max_extend=2)
+    assert grown.lo.tolist() == [10, 10, 3] and grown.hi.tolist() == [20, 20, 8]
+    assert (grown.label, grown.score) == ("cyst", 0.7)  # extent only: label and score unchanged
+
+
+def test_weak_detections_below_the_score_or_after_a_gap_do_not_extend() -> None:
+    weak = [_det(4, 13, 13, 16, 16, score=0.05), _det(9, 13, 13, 16, 16, score=0.9)]  # too weak; slice 8 missing
+    (same,) = extend_into_weak_detections([BOX], weak, axis=2, min_score=0.1)
+    assert same.lo.tolist() == BOX.lo.tolist() and same.hi.tolist() == BOX.hi.tolist()
+    (none,) = extend_into_weak_detections(
+        [BOX], [_det(4, 13, 13, 16, 16, score=0.9)], axis=2, min_score=0.1, max_extend=0
+    )
+    assert none.lo[2] == 5
+
+
+def test_extension_works_along_any_axis() -> None:
+    box = VoxelBox(lo=[5, 10, 10], hi=[8, 20, 20])
+    (grown,) = extend_into_weak_detections([box], [_det(8, 12, 12, 15, 15, score=0.5, axis=0)], axis=0, min_score=0.1)
+    assert grown.lo.tolist() == [5, 10, 10] and grown.hi.tolist() == [9, 20, 20]

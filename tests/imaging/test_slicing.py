@@ -121,6 +121,8 @@ def test_three_windows_fill_three_channels() -> None:
     array = np.full((4, 4, 2), -600.0, dtype=np.float32)
     image = render_slice(Volume(array, np.eye(4)), 0, window=["lung", "soft_tissue", "bone"]).image
     assert tuple(image[0, 0]) == (128, 0, 0)
+    same = render_slice(Volume(array, np.eye(4)), 0, window="lung/soft_tissue/bone").image
+    assert np.array_equal(same, image)
 
 
 def test_batch_rendering_matches_one_by_one() -> None:

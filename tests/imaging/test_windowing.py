@@ -7,11 +7,15 @@ import pytest
 
 from monailabel_evlf.imaging.windowing import (
     CT_WINDOWS,
+    FALLBACK_WINDOW,
+    MODEL_WINDOW,
     PercentileWindow,
     Window,
     apply_window,
     parse_window,
+    resolve_window,
     window_bounds,
+    window_channels,
 )
 
 
@@ -67,3 +71,23 @@ def test_constant_image_gives_a_valid_window_not_nan() -> None:
     assert np.all(apply_window(np.full((4, 4), 7.0), (low, high)) == 0)
     with pytest.raises(ValueError, match="low < high"):
         apply_window(np.zeros(3), (1.0, 1.0))
+
+
+def test_three_windows_one_per_channel_from_a_string_or_a_list() -> None:
+    assert window_channels("abdomen/liver/40,80") == ["abdomen", "liver", "40,80"]
+    assert window_channels(["lung", "soft_tissue", "bone"]) == ["lung", "soft_tissue", "bone"]
+    assert window_channels("liver") == ["liver"] and window_channels((50, 350)) == [(50, 350)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"), [("abdomen/liver", "one window or three"), ("abdomen/liver/nope", "unknown window")]
+)
+def test_bad_channel_windows_raise(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        window_channels(spec)
+
+
+def test_model_window_resolves_to_what_the_model_records_else_the_fallback() -> None:
+    assert resolve_window(MODEL_WINDOW, "abdomen/liver/40,80") == "abdomen/liver/40,80"
+    assert resolve_window(MODEL_WINDOW, None) == FALLBACK_WINDOW
+    assert resolve_window("lung", "abdomen/liver/40,80") == "lung"  # a configured window wins

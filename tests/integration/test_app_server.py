@@ -134,6 +134,35 @@ def test_diagnosis_and_vqa_answer_with_reasoning(server):
     assert vqa["answer"] in ("yes", "no") and vqa["reasoning"] and vqa["question"] == "Is there a lesion?"
 
 
+def test_study_questions_are_answered_from_the_3d_findings(server, dataset):
+    """Presence and counts come from the study's 3D boxes (the oracle's are the truth), not from a slice vote:
+    most slices of an abnormal study show no lesion, and a lesion on several slices is counted once."""
+    client = MONAILabelClient(server)
+    for image in ("phantom_s7_001", "phantom_s7_002"):
+        lesions = sidecar(dataset, image)["lesions"]
+        presence = as_json(
+            client.infer("evlf_vqa", image, {"question": "Is there a lesion in this study?", "options": ["Yes", "No"]})[
+                1
+            ]
+        )
+        assert presence["scope"] == "study" and presence["answer"] == ("Yes" if lesions else "No")
+        count = as_json(client.infer("evlf_vqa", image, {"question": "How many lesions are in this study?"})[1])
+        assert count["answer"] == str(len(lesions)) and count["reasoning"]
+    voted = as_json(
+        client.infer("evlf_vqa", "phantom_s7_002", {"question": "Is there a lesion in this study?", "scope": "slices"})[
+            1
+        ]
+    )
+    assert voted["scope"] == "slices"
+    refused = requests.post(
+        f"{server}/infer/evlf_vqa",
+        params={"image": "phantom_s7_002"},
+        data={"params": json.dumps({"question": "How many?", "scope": "everything"})},
+        timeout=60,
+    )
+    assert refused.status_code == 422 and "scope" in refused.json()["detail"]
+
+
 def test_save_label_accepts_slicer_markups_and_refuses_malformed(server, dataset, tmp_path, slicer_client_class):
     lesion = sidecar(dataset, "phantom_s7_002")["lesions"][0]
     markups = tmp_path / "label.json"
