@@ -196,8 +196,8 @@ class VQATask(EVLFInferTask):
         scope = request.get("scope", VQA_SCOPES[0])
         if scope not in VQA_SCOPES:
             raise bad_request(f"'scope' must be one of {', '.join(VQA_SCOPES)}")
-        if scope == "study" and request.get("slices") is not None:
-            raise bad_request("'slices' picks slices for scope 'slices'; a study question looks at the whole study")
+        if scope == "study" and any(request.get(key) is not None for key in ("slices", "around")):
+            raise bad_request("'slices' / 'around' pick slices for scope 'slices'; a study question sees the study")
         with self.served.session() as pipeline:
             if scope == "study":
                 result = pipeline.answer_study(volume, question, options)
