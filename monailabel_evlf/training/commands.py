@@ -149,10 +149,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_build_demo_model(args: argparse.Namespace) -> int:
-    from monailabel_evlf.training.demo_model import build_demo_model, load_demo_config
+    from monailabel_evlf.training.demo_model import build_demo_model, evaluate_demo_model, load_demo_config
 
     config = load_demo_config(args.config)
-    metrics = build_demo_model(args.out_dir, config, callback=tqdm_progress("demo"))
+    if args.evaluate_only:
+        metrics = evaluate_demo_model(args.out_dir, config)
+    else:
+        metrics = build_demo_model(args.out_dir, config, callback=tqdm_progress("demo"))
     print({k: round(v, 4) for k, v in metrics.items()})
     return 0
 
@@ -196,4 +199,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("out_dir", help="output folder (the committed one is models/evlf-demo)")
     demo.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"), help="demo recipe YAML")
+    demo.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="re-run the held-out evaluation of the model already in out_dir (eval/, training_summary.json)",
+    )
     demo.set_defaults(func=run_build_demo_model)

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 class DemoData:
     train_studies: int = 60
     held_out_studies: int = 12
+    held_out_normal_studies: int = 0  # extra lesion-free held-out studies for the per-study false-box rate
     seed: int = 0  # training studies use seeds [seed, i], held-out ones [seed + 1, i]
     kinds: list[str] | None = None
     organs: list[str] | None = None
@@ -84,6 +85,23 @@ def phantom_studies(data: DemoData, split: str) -> list[Any]:
     return [
         make_phantom([seed, index], kinds=data.kinds, organs=data.organs, study_id=f"{split}_{index:03d}")
         for index in range(count)
+    ]
+
+
+def normal_studies(data: DemoData) -> list[Any]:
+    """Extra lesion-free held-out phantoms (another seed stream): false 3D boxes per normal study needs more
+    than the two or three that a random draw of ``held_out_studies`` brings."""
+    from monailabel_evlf.data.phantoms import make_phantom
+
+    return [
+        make_phantom(
+            [data.seed + 1, 1000 + index],
+            kinds=data.kinds,
+            organs=data.organs,
+            n_lesions=0,
+            study_id=f"held_out_normal_{index:03d}",
+        )
+        for index in range(data.held_out_normal_studies)
     ]
 
 
@@ -139,12 +157,10 @@ def build_demo_model(
     from monailabel_evlf.model.backends.evlf import EVLFBackend
     from monailabel_evlf.model.tiny import build_tiny_evlf
     from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
-    from monailabel_evlf.training.evaluate import evaluate
     from monailabel_evlf.training.finetune import default_rewards
     from monailabel_evlf.training.grpo import train_grpo
     from monailabel_evlf.training.samples import SampleOptions
     from monailabel_evlf.training.sft import train_sft
-    from monailabel_evlf.training.study_evaluation import evaluate_studies
 
     work = out.parent / f".{out.name}.building"
     shutil.rmtree(work, ignore_errors=True)
@@ -201,27 +217,66 @@ def build_demo_model(
     final = work / "final"
     _save_merged(backend, final)
 
-    final_backend = EVLFBackend.from_pretrained(str(final), **config.backend)
-    report = evaluate(final_backend, held_out)
-    metrics = report.flat()
-    timings["total_s"] = time.perf_counter() - started  # the build; the evaluations below are not part of it
-    studies = evaluate_studies(final_backend, [(p.image, p.affine, p.ground_truth) for p in held_out_studies])
-    studies.save(final / "eval")
-    card = {
-        "recipe": _jsonable(asdict(config)),
-        "training_samples": len(train),
-        "held_out_samples": len(held_out),
-        "held_out_metrics": metrics,
-        "held_out_study_metrics": studies.metrics(),
-        "timings": timings,
-    }
-    (final / "training_summary.json").write_text(json.dumps(card, indent=2) + "\n")
-    (final / "README.md").write_text(_model_card(card))
-    report.save(final / "eval", title="evlf-demo on held-out phantoms")
+    timings["total_s"] = time.perf_counter() - started  # the build; the evaluation below is not part of it
+    metrics = evaluate_demo_model(final, config, held_out, held_out_studies, timings=timings, samples=len(train))
     if out.exists():
         out.rmdir()
     final.rename(out)
     shutil.rmtree(work, ignore_errors=True)
+    return metrics
+
+
+def evaluate_demo_model(
+    model_dir: str | Path,
+    config: DemoConfig,
+    held_out: list[Any] | None = None,
+    held_out_studies: list[Any] | None = None,
+    *,
+    timings: dict[str, float] | None = None,
+    samples: int | None = None,
+) -> dict[str, float]:
+    """Held-out evaluation of a built demo model: slice metrics, per-study metrics (with the extra lesion-free
+    studies) and study questions; writes ``eval/``, ``training_summary.json`` and ``README.md`` in ``model_dir``.
+    Re-runnable on a saved model (``evlf build-demo-model DIR --evaluate-only``), e.g. after a pipeline change;
+    the build timings and sample count are then kept from the existing summary."""
+    from monailabel_evlf.model.backends.evlf import EVLFBackend
+    from monailabel_evlf.training.evaluate import evaluate
+    from monailabel_evlf.training.samples import SampleOptions
+    from monailabel_evlf.training.study_evaluation import evaluate_studies
+
+    model_dir = Path(model_dir)
+    summary = model_dir / "training_summary.json"
+    previous = json.loads(summary.read_text()) if summary.is_file() else {}
+    backend = EVLFBackend.from_pretrained(str(model_dir), **config.backend)
+    data = config.data
+    if held_out_studies is None:
+        held_out_studies = phantom_studies(data, "held_out")
+    if held_out is None:
+        options = SampleOptions(
+            box_codec=backend.box_codec,
+            size=tuple(data.size),
+            window=data.window,
+            tasks=tuple(data.tasks),
+            prompt_variants=data.prompt_variants,
+        )
+        held_out = phantom_split(data, options, "held_out", held_out_studies)
+    report = evaluate(backend, held_out)
+    metrics = report.flat()
+    studies = evaluate_studies(
+        backend, [(p.image, p.affine, p.ground_truth) for p in [*held_out_studies, *normal_studies(data)]]
+    )
+    studies.save(model_dir / "eval")
+    card = {
+        "recipe": _jsonable(asdict(config)),
+        "training_samples": samples if samples is not None else previous.get("training_samples"),
+        "held_out_samples": len(held_out),
+        "held_out_metrics": metrics,
+        "held_out_study_metrics": studies.metrics(),
+        "timings": timings if timings is not None else previous.get("timings", {}),
+    }
+    summary.write_text(json.dumps(card, indent=2) + "\n")
+    (model_dir / "README.md").write_text(_model_card(card))
+    report.save(model_dir / "eval", title="evlf-demo on held-out phantoms")
     return metrics
 
 
