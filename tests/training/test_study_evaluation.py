@@ -69,6 +69,18 @@ def test_an_oracle_backend_finds_every_lesion_once(orientation, tmp_path):
     lesions = len(phantom.ground_truth["lesions"])
     assert report.studies[0]["lesions"] == lesions and report.studies[0]["false_boxes"] == 0
     assert report.studies[0]["found"] == lesions
+    # study questions: presence and counts over the whole study come from the 3D boxes, so the oracle's are right
+    # (its organ answers are not: questions naming an organ are left out here)
+    from monailabel_evlf.tasks.questions import parse_study_question
+
+    whole_study = [
+        r
+        for r in report.vqa
+        if r["question_type"] in ("presence", "count") and not parse_study_question(r["question"]).organ
+    ]
+    assert len(whole_study) == 4  # presence and count, each closed and open
+    assert all(r["prediction"].lower() == r["reference"].lower() for r in whole_study), whole_study
+    assert report.vqa_estimates()["presence"]["closed_accuracy"].n >= 1
     (tmp_path / "out").mkdir()
     paths = report.save(tmp_path / "out")
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
