@@ -56,6 +56,7 @@ class AppConfig:
     batch_size: int = 8  # slices per backend.generate call
     max_new_tokens: int = 96
     min_slices: int = 2  # a 3D box needs detections on this many slices
+    min_box_score: float | None = None  # 3D boxes scored below are not reported (None: PipelineConfig's default)
     output: str = "markups"  # default grounding output
     samples: int = 4  # sampled answers per slice for active-learning disagreement
     train_steps: int = 20
@@ -101,6 +102,16 @@ class AppConfig:
         from monailabel_evlf.imaging.windowing import resolve_window
 
         return resolve_window(self.window, getattr(backend, "input_window", None))
+
+
+def _fraction(option: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(option, f"expected a number in [0, 1]; got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise ConfigError(option, f"must be in [0, 1]; got {value!r}")
+    return number
 
 
 def _int(option: str, value: str, minimum: int) -> int:
@@ -187,6 +198,8 @@ def parse_app_config(conf: Mapping[str, str]) -> AppConfig:
             values[key] = _int(key, value, 0)
         elif key == "image_size":
             values[key] = _int(key, value, 16)
+        elif key == "min_box_score":
+            values[key] = _fraction(key, value)
         elif key == "train_steps":
             values[key] = _int(key, value, 1)
         elif key == "window":

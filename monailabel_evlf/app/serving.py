@@ -38,6 +38,7 @@ def public_name(name: str) -> str:
 
 
 def pipeline_config(config: AppConfig) -> PipelineConfig:
+    operating_point = {} if config.min_box_score is None else {"min_box_score": config.min_box_score}
     return PipelineConfig(
         modality=config.modality,
         labels=config.vocabulary,
@@ -49,6 +50,7 @@ def pipeline_config(config: AppConfig) -> PipelineConfig:
         batch_size=config.batch_size,
         max_new_tokens=config.max_new_tokens,
         min_slices=config.min_slices,
+        **operating_point,
     )
 
 

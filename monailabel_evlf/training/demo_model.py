@@ -61,6 +61,9 @@ class DemoConfig:
     grpo: GRPOConfig | None = None  # Stage 2
 
 
+CONSISTENCY_VARIANTS = 10  # the paper's diagnosis prompt variants, all re-asked in the held-out evaluation
+
+
 def load_demo_config(path: str | Path) -> DemoConfig:
     raw = load_training_yaml(path)
     unknown = sorted(set(raw) - {"model", "backend", "data", "detector", "pretrain", "sft", "grpo"})
@@ -260,7 +263,7 @@ def evaluate_demo_model(
             prompt_variants=data.prompt_variants,
         )
         held_out = phantom_split(data, options, "held_out", held_out_studies)
-    report = evaluate(backend, held_out)
+    report = evaluate(backend, held_out, consistency_variants=CONSISTENCY_VARIANTS)
     metrics = report.flat()
     studies = evaluate_studies(
         backend, [(p.image, p.affine, p.ground_truth) for p in [*held_out_studies, *normal_studies(data)]]

@@ -1,7 +1,7 @@
 """``evlf bench learning-loop``: does the annotation loop learn? Zero-shot vs few-shot fine-tuning on a shift.
 
 The shifted cases are something the demo model lacks (configs/training/learning-loop.yaml says which and why:
-a display window it never saw). Each "corrected case" is one phantom study whose lesion boxes stand in for a
+a noisier, low-dose protocol it never saw). Each "corrected case" is one phantom study whose lesion boxes stand in for a
 radiologist's corrected ROI boxes and go through :func:`~monailabel_evlf.training.samples.correction_samples`, the
 path the MONAI Label train task uses. For each number of cases the adapter is reset to the demo weights and trained
 by each method on the same samples — SFT, GRPO (grounding IoU + format rewards) and the paper's SFT then GRPO,

@@ -6,7 +6,9 @@ across the study's slices. Here every study goes through :meth:`VolumePipeline.g
 
 - lesion recall: share of lesions matched by one 3D box with 3D IoU >= ``iou_threshold`` (0.5);
 - false boxes per lesion-free study, and per study with lesions (boxes matching no lesion);
-- box-score AUROC: do the boxes' scores rank true boxes above false ones (Mann-Whitney U / (n_true * n_false));
+- box-score AUROC: do the boxes' scores rank true boxes above false ones (Mann-Whitney U / (n_true * n_false)),
+  over every scored box: the pipeline runs without its operating point (``min_box_score``), which recall and
+  false boxes then apply, so the AUROC measures the scores rather than what the threshold left;
 - a reliability table / plot: share of true boxes per score bin;
 - study questions (the phantoms' VQA set, scope "study": presence, counts, the largest lesion's organ / side /
   kind / size / position, modality) answered by :meth:`VolumePipeline.answer_study`, the app's ``evlf_vqa``
@@ -16,7 +18,7 @@ across the study's slices. Here every study goes through :meth:`VolumePipeline.g
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -170,14 +172,19 @@ def evaluate_studies(
     """Run the grounding pipeline on ``(image, affine, ground_truth)`` studies and score their 3D boxes; with
     ``questions``, also the study's ground-truth study questions (:func:`data.phantoms.vqa_items`)."""
     from monailabel_evlf.data.phantoms import vqa_items
-    from monailabel_evlf.inference import VolumePipeline
+    from monailabel_evlf.inference import PipelineConfig, VolumePipeline
 
-    pipeline = VolumePipeline(backend, pipeline_config)
+    config = pipeline_config or PipelineConfig()
+    pipeline = VolumePipeline(backend, replace(config, min_box_score=0.0))
     report = StudyReport()
     for image, affine, truth in studies:
         volume = Volume(image, affine, {"modality": truth.get("modality", "CT")})
         result = pipeline.ground(volume)
         lesions = _truth_boxes(truth)
+        _, every_true = match_study(result.voxel_boxes, lesions, iou_threshold)
+        report.box_scores += [float(b.score or 0.0) for b in result.voxel_boxes]
+        report.box_true += every_true
+        result = _at_operating_point(result, config.min_box_score)
         found, is_true = match_study(result.voxel_boxes, lesions, iou_threshold)
         iou = np.atleast_2d(box_iou_3d(list(result.voxel_boxes), lesions)) if result.voxel_boxes and lesions else None
         report.studies.append(
@@ -194,8 +201,6 @@ def evaluate_studies(
                 "lesion_extent_voxels": [(b.hi - b.lo).round(1).tolist() for b in lesions],
             }
         )
-        report.box_scores += [float(b.score or 0.0) for b in result.voxel_boxes]
-        report.box_true += is_true
         for item in [i for i in vqa_items(truth) if i.scope == "study"] if questions else []:
             answered = pipeline.answer_study(volume, item.question, item.options, grounded=result)
             report.vqa.append(
@@ -209,6 +214,17 @@ def evaluate_studies(
                 }
             )
     return report
+
+
+def _at_operating_point(result: Any, min_score: float) -> Any:
+    """``result`` with only the 3D boxes the pipeline would report at ``min_score`` (what the app returns)."""
+    keep = [n for n, box in enumerate(result.voxel_boxes) if (box.score or 0.0) >= min_score]
+    return replace(
+        result,
+        voxel_boxes=[result.voxel_boxes[n] for n in keep],
+        world_boxes=[result.world_boxes[n] for n in keep],
+        box_slices=[result.box_slices[n] for n in keep],
+    )
 
 
 def plot_reliability(rows: Sequence[dict[str, float]], path: str | Path) -> Path:

@@ -60,6 +60,8 @@ def test_values_are_typed():
         ("output", "png", "markups"),
         ("image_size", "8", ">= 16"),
         ("detector_steps", "-1", ">= 0"),
+        ("min_box_score", "1.5", "[0, 1]"),
+        ("min_box_score", "high", "a number"),
     ],
 )
 def test_bad_option_names_itself(key, value, says):
