@@ -352,3 +352,32 @@ def test_app_answers_through_the_server_then_503_when_it_is_gone(monailabel_serv
     assert gone.status_code == 503, gone.text[:2000]
     assert "inference server unavailable: cannot connect" in gone.json()["detail"]
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_here_is_served_merged(local, tiny_dirs, tmp_path):
+    """The route docs/scale.md gives for adapters with trained connectors (vLLM's LoRA modules cannot hold
+    them): merge into the base, serve the merged folder; the server then answers as the local model + adapter."""
+    import torch
+
+    model_dir = str(tiny_dirs["qwen2_5_vl"])
+    trained = load_backend("qwen2_5_vl", model_dir)
+    with torch.no_grad():  # an adapter as training leaves it: LoRA and the merger connector changed
+        generator = torch.Generator().manual_seed(1)
+        for p in trained.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.5)
+    trained.save_adapter(tmp_path / "adapter")
+    merged_dir = tmp_path / "merged"
+    trained.peft_model.merge_and_unload().save_pretrained(merged_dir, safe_serialization=True)
+    trained.processor.save_pretrained(merged_dir)
+    tuned = load_backend("qwen2_5_vl", model_dir, adapter=str(tmp_path / "adapter"))  # how the app serves it
+
+    url, process = start_chat_server(merged_dir, tmp_path)
+    try:
+        remote = load_backend("openai_chat", str(merged_dir), url=url)
+        images, sampling = _images(2), SamplingConfig(max_new_tokens=10)
+        served = remote.generate(images, PROMPTS, sampling=sampling)
+        assert served == tuned.generate(images, PROMPTS, sampling=sampling)
+        assert served != local.generate(images, PROMPTS, sampling=sampling)  # the adapter changed the answers
+    finally:
+        stop(process)
