@@ -73,6 +73,11 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.slice_axis not in (None, 0, 1, 2):
             raise ValueError(f"slice_axis must be 0, 1, 2 or None, got {self.slice_axis!r}")
+        for name in ("extend_score", "min_box_score", "link_iou"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.max_extend < 0:
+            raise ValueError(f"max_extend must be >= 0, got {self.max_extend}")
 
 
 @dataclass

@@ -136,6 +136,10 @@ def test_bad_slices_and_config_are_refused(dataset, backend):
         VolumePipeline(backend).ground(volume, indices=[0, 99])
     with pytest.raises(ValueError, match="batch_size"):
         PipelineConfig(batch_size=0)
+    with pytest.raises(ValueError, match="min_box_score"):
+        PipelineConfig(min_box_score=1.5)
+    with pytest.raises(ValueError, match="max_extend"):
+        PipelineConfig(max_extend=-1)
     with pytest.raises(ValueError, match="3D"):
         Volume(np.zeros((4, 4, 4, 2)), np.eye(4))
 
