@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from monailabel_evlf import paths
-from monailabel_evlf.app.security import Limits, truth
+from monailabel_evlf.app.security import TRAIN_METHODS, Limits, truth
 from monailabel_evlf.tasks.labels import NORMAL_LABEL
 
 DEMO_MODEL_DIR = paths.demo_model_dir()
@@ -60,8 +60,8 @@ class AppConfig:
     output: str = "markups"  # default grounding output
     samples: int = 4  # sampled answers per slice for active-learning disagreement
     train_steps: int = 20
-    train_method: str = "grpo"  # "grpo" or "sft"
-    detector_steps: int = 150  # detection-connector models: steps fitting the detector on the corrections first; 0 off
+    train_method: str = "sft+grpo"  # the paper's SFT then GRPO, or "sft" / "grpo" alone
+    detector_steps: int = 400  # detection-connector models: steps fitting the detector on the corrections first; 0 off
     torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (small models on busy CPUs: 1)
     auto_scoring: bool = False  # MONAI Label's default re-scores all images in a child process at start-up
     # security and resource limits (docs/security.md)
@@ -188,11 +188,11 @@ def parse_app_config(conf: Mapping[str, str]) -> AppConfig:
             values[key] = _names(key, value)
         elif key == "slice_axis":
             values[key] = None if value == "auto" else int(_choice(key, value, ("auto", "0", "1", "2")))
-        elif key in ("slice_stride", "max_slices", "batch_size", "max_new_tokens", "min_slices", "samples") or (
-            key.startswith("max_")
+        elif (
+            key in ("slice_stride", "max_slices", "batch_size", "max_new_tokens", "min_slices", "samples")
+            or (key.startswith("max_"))
+            or key == "infer_timeout_s"
         ):
-            values[key] = _int(key, value, 1)
-        elif key == "infer_timeout_s":
             values[key] = _int(key, value, 1)
         elif key in ("torch_threads", "detector_steps"):
             values[key] = _int(key, value, 0)
@@ -207,7 +207,7 @@ def parse_app_config(conf: Mapping[str, str]) -> AppConfig:
         elif key == "output":
             values[key] = _choice(key, value, OUTPUTS)
         elif key == "train_method":
-            values[key] = _choice(key, value, ("grpo", "sft"))
+            values[key] = _choice(key, value, TRAIN_METHODS)
     return AppConfig(**values, extra=extra)
 
 

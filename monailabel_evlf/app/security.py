@@ -47,6 +47,7 @@ _NRRD_SIZES = {
 _NRRD_TYPES = {name.strip(): size for size, names in _NRRD_SIZES.items() for name in names.split(",")}
 _CHUNK = 1 << 20
 TRAIN_PARAMS = ("client_id", "gate", "label_tag", "method", "steps")  # 3D Slicer adds client_id
+TRAIN_METHODS = ("sft+grpo", "sft", "grpo")  # the paper's recipe first
 # absolute POSIX paths of two or more components, as readers and tracebacks print them
 _PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+@~-]+/)+[\w.+@~-]*")
 # what a STOW-RS request may store: corrections training reads (SR measurement reports, SEG). Comprehensive 3D SR
@@ -312,8 +313,8 @@ def check_train_params(params: dict[str, Any], config: Any, limits: Limits) -> d
     if unknown:
         names = ", ".join(map(repr, unknown))
         raise refuse(422, f"unknown train parameter(s) {names}; use {', '.join(TRAIN_PARAMS)}")
-    if params.get("method", config.train_method) not in ("grpo", "sft"):
-        raise refuse(422, f"'method' must be 'grpo' or 'sft', got {params['method']!r}")
+    if params.get("method", config.train_method) not in TRAIN_METHODS:
+        raise refuse(422, f"'method' must be one of {', '.join(TRAIN_METHODS)}, got {params['method']!r}")
     steps = params.get("steps", config.train_steps)
     if type(steps) is not int or not 1 <= steps <= limits.max_train_steps:
         raise refuse(422, f"'steps' must be an integer in 1..{limits.max_train_steps} (--conf max_train_steps)")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GATE_METRIC = "acc@0.5"  # grounding Acc@0.5 on the held-out samples (training.evaluate keys)
+SFT_EPOCHS_BEFORE_GRPO = 5  # configs/training/learning-loop.yaml's SFT stage
 
 
 def split_held_out(
@@ -119,15 +120,16 @@ class EVLFTrainTask(TrainTask):
             shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float))
             logger.info("evlf_train step %d/%d %s", step, total, shown)
 
-        stages = (
-            {"sft": SFTConfig(epochs=steps)}
-            if method == "sft"
-            else {"grpo": GRPOConfig(steps=steps, max_new_tokens=self.app_config.max_new_tokens)}
-        )
+        # "steps": SFT epochs for "sft", GRPO steps otherwise (SFT then runs the learning loop's 5 epochs)
+        stages: dict[str, Any] = {}
+        if method in ("sft", "sft+grpo"):
+            stages["sft"] = SFTConfig(epochs=steps if method == "sft" else SFT_EPOCHS_BEFORE_GRPO, batch_size=16)
+        if method in ("grpo", "sft+grpo"):
+            stages["grpo"] = GRPOConfig(steps=steps, max_new_tokens=self.app_config.max_new_tokens)
         served = self.served
         if self.app_config.detector_steps and getattr(served.backend, "has_proposals", False):
             # the model sees lesions only through its proposals: LoRA alone cannot reach what the detector misses
-            stages["detector"] = DetectorConfig(steps=self.app_config.detector_steps, learning_rate=1e-3)
+            stages["detector"] = DetectorConfig(steps=self.app_config.detector_steps, learning_rate=2e-3)
         # trains this process's own model copy: the server process keeps serving until the pointer moves
         result = finetune_adapter(
             served.backend,

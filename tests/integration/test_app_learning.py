@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 SHIFT = load_learning_loop_config(REPO / "configs" / "training" / "learning-loop.yaml")
-CORRECTED, HELD_OUT = 16, 12
+CORRECTED, HELD_OUT = 64, 32  # the learning-loop benchmark's 64-case row and its held-out set
 
 
 def shifted_phantom(stream: int, index: int):
@@ -96,7 +96,7 @@ def grounding_acc(adapter: Path | None, samples: list) -> float:
 def test_corrections_through_the_train_task_make_a_better_promoted_adapter(
     studies, adapters, held_out, tmp_path, slicer_client_class
 ):
-    conf = {"adapters": str(adapters), "detector_steps": "150", "train_method": "sft", "torch_threads": "2"}
+    conf = {"adapters": str(adapters), "torch_threads": "2"}  # the app's defaults: detector, then SFT then GRPO
     with running_server(studies, conf, timeout=240) as url:
         client = slicer_client_class(url, tmpdir=str(tmp_path))
         for sidecar in sorted((studies / "ground_truth").glob("shifted_*.json")):
@@ -105,7 +105,7 @@ def test_corrections_through_the_train_task_make_a_better_promoted_adapter(
             corrected = [WorldBox.from_dict({**les["world_box"], "label": les["label"]}) for les in truth["lesions"]]
             write_roi_markups(corrected, markups)
             client.save_label(truth["study_id"], str(markups), tag="final")
-        assert client.train_start("evlf_train", {"method": "sft", "steps": 5})
+        assert client.train_start("evlf_train", {"method": "sft+grpo", "steps": 30})
         deadline = time.monotonic() + 900
         while (status := client.train_status())["status"] not in ("DONE", "ERROR"):
             assert time.monotonic() < deadline, status
@@ -117,7 +117,7 @@ def test_corrections_through_the_train_task_make_a_better_promoted_adapter(
     assert promoted is not None and promoted.name == "v0001"
     before, after = grounding_acc(None, held_out), grounding_acc(promoted.path, held_out)
     print(f"held-out shifted Acc@0.5: demo model {before:.3f}, promoted adapter {after:.3f} (n={len(held_out)})")
-    assert after >= before + 0.15
+    assert after >= before + 0.10  # the benchmark's lift at 64 cases is +0.23 on these held-out cases
 
 
 def test_the_gate_refuses_an_adapter_trained_on_wrong_boxes(held_out, tmp_path):
