@@ -112,7 +112,8 @@ def test_corrections_through_the_train_task_make_a_better_promoted_adapter(
             time.sleep(5)
         assert status["status"] == "DONE", "\n".join(status.get("details", []))
 
-    registry = AdapterRegistry(next(p for p in adapters.iterdir() if p.is_dir()))
+    (model_dir,) = [p for p in adapters.iterdir() if p.is_dir()]  # the served model's registry
+    registry = AdapterRegistry(adapters, model_dir.name)
     promoted = registry.promoted()
     assert promoted is not None and promoted.name == "v0001"
     before, after = grounding_acc(None, held_out), grounding_acc(promoted.path, held_out)
@@ -123,7 +124,7 @@ def test_corrections_through_the_train_task_make_a_better_promoted_adapter(
 def test_the_gate_refuses_an_adapter_trained_on_wrong_boxes(held_out, tmp_path):
     """Corrections whose boxes sit a third of the image away from every lesion teach the detector the wrong place;
     the gate measures on true held-out boxes and must keep the current version."""
-    registry = AdapterRegistry(tmp_path / "adapters")
+    registry = AdapterRegistry(tmp_path / "adapters", "evlf-demo")
     backend = EVLFBackend.from_pretrained(str(REPO / "models" / "evlf-demo"))
     train_good, gate = held_out[: len(held_out) // 2], held_out[len(held_out) // 2 :]
     first = finetune_adapter(
