@@ -80,6 +80,19 @@ def load_demo_config(path: str | Path) -> DemoConfig:
     )
 
 
+def sample_options(data: DemoData, backend: Any) -> Any:
+    """How the recipe's phantoms become samples for ``backend``."""
+    from monailabel_evlf.training.samples import SampleOptions
+
+    return SampleOptions(
+        box_codec=backend.box_codec,
+        size=tuple(data.size),
+        window=data.window,
+        tasks=tuple(data.tasks),
+        prompt_variants=data.prompt_variants,
+    )
+
+
 def phantom_studies(data: DemoData, split: str) -> list[Any]:
     """The training or held-out phantoms, in memory (no files: fast and exactly reproducible)."""
     from monailabel_evlf.data.phantoms import make_phantom
@@ -162,7 +175,6 @@ def build_demo_model(
     from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
     from monailabel_evlf.training.finetune import default_rewards
     from monailabel_evlf.training.grpo import train_grpo
-    from monailabel_evlf.training.samples import SampleOptions
     from monailabel_evlf.training.sft import train_sft
 
     work = out.parent / f".{out.name}.building"
@@ -178,13 +190,7 @@ def build_demo_model(
     processor.save_pretrained(work / "init")
     backend = EVLFBackend.from_pretrained(str(work / "init"), **config.backend)
     data = config.data
-    options = SampleOptions(
-        box_codec=backend.box_codec,
-        size=tuple(data.size),
-        window=data.window,
-        tasks=tuple(data.tasks),
-        prompt_variants=data.prompt_variants,
-    )
+    options = sample_options(data, backend)
     held_out_studies = phantom_studies(data, "held_out")
     train, held_out = phantom_split(data, options, "train"), phantom_split(data, options, "held_out", held_out_studies)
     logger.info("demo model: %d training and %d held-out samples", len(train), len(held_out))
@@ -244,7 +250,6 @@ def evaluate_demo_model(
     the build timings and sample count are then kept from the existing summary."""
     from monailabel_evlf.model.backends.evlf import EVLFBackend
     from monailabel_evlf.training.evaluate import evaluate
-    from monailabel_evlf.training.samples import SampleOptions
     from monailabel_evlf.training.study_evaluation import evaluate_studies
 
     model_dir = Path(model_dir)
@@ -255,14 +260,7 @@ def evaluate_demo_model(
     if held_out_studies is None:
         held_out_studies = phantom_studies(data, "held_out")
     if held_out is None:
-        options = SampleOptions(
-            box_codec=backend.box_codec,
-            size=tuple(data.size),
-            window=data.window,
-            tasks=tuple(data.tasks),
-            prompt_variants=data.prompt_variants,
-        )
-        held_out = phantom_split(data, options, "held_out", held_out_studies)
+        held_out = phantom_split(data, sample_options(data, backend), "held_out", held_out_studies)
     report = evaluate(backend, held_out, consistency_variants=CONSISTENCY_VARIANTS)
     metrics = report.flat()
     studies = evaluate_studies(

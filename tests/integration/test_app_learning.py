@@ -127,15 +127,14 @@ def test_the_gate_refuses_an_adapter_trained_on_wrong_boxes(held_out, tmp_path):
     registry = AdapterRegistry(tmp_path / "adapters", "evlf-demo")
     backend = EVLFBackend.from_pretrained(str(REPO / "models" / "evlf-demo"))
     train_good, gate = held_out[: len(held_out) // 2], held_out[len(held_out) // 2 :]
-    first = finetune_adapter(
-        backend,
-        train_good,
-        gate,
-        registry,
-        detector=DetectorConfig(steps=60, batch_size=16, learning_rate=1e-3),
-        sft=SFTConfig(epochs=2),
-        gate_metric="acc@0.5",
-    )
+
+    def round_on(samples, detector_steps: int, learning_rate: float):
+        detector = DetectorConfig(steps=detector_steps, batch_size=16, learning_rate=learning_rate)
+        return finetune_adapter(
+            backend, samples, gate, registry, detector=detector, sft=SFTConfig(epochs=2), gate_metric="acc@0.5"
+        )
+
+    first = round_on(train_good, 60, 1e-3)
     assert first.promoted  # nothing promoted before: the first version always is
     wrong = []
     for sample in train_good:
@@ -143,14 +142,6 @@ def test_the_gate_refuses_an_adapter_trained_on_wrong_boxes(held_out, tmp_path):
         shifts = [width / 3 if b.x1 < width / 2 else -width / 3 for b in sample.boxes]
         moved = [replace(b, x1=b.x1 + dx, x2=b.x2 + dx) for b, dx in zip(sample.boxes, shifts, strict=True)]
         wrong.append(replace(sample, boxes=moved))
-    worse = finetune_adapter(
-        backend,
-        wrong,
-        gate,
-        registry,
-        detector=DetectorConfig(steps=150, batch_size=16, learning_rate=3e-3),
-        sft=SFTConfig(epochs=2),
-        gate_metric="acc@0.5",
-    )
+    worse = round_on(wrong, 150, 3e-3)
     assert worse.metrics["acc@0.5"] < worse.baseline_metrics["acc@0.5"]
     assert not worse.promoted and registry.promoted().name == first.version.name
