@@ -59,7 +59,7 @@ class AppConfig:
     min_box_score: float | None = None  # 3D boxes scored below are not reported (None: PipelineConfig's default)
     output: str = "markups"  # default grounding output
     samples: int = 4  # sampled answers per slice for active-learning disagreement
-    train_steps: int = 20
+    train_steps: int = 30  # GRPO steps (SFT epochs for train_method sft), as in learning-loop.yaml
     train_method: str = "sft+grpo"  # the paper's SFT then GRPO, or "sft" / "grpo" alone
     detector_steps: int = 400  # detection-connector models: steps fitting the detector on the corrections first; 0 off
     torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (small models on busy CPUs: 1)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -26,7 +28,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GATE_METRIC = "acc@0.5"  # grounding Acc@0.5 on the held-out samples (training.evaluate keys)
-SFT_EPOCHS_BEFORE_GRPO = 5  # configs/training/learning-loop.yaml's SFT stage
+RECIPE = Path("training") / "learning-loop.yaml"  # under the configs folder
+
+
+def few_shot_recipe() -> dict[str, Any]:
+    """The detector / SFT / GRPO stage configs of configs/training/learning-loop.yaml: the app trains on corrections
+    with exactly the settings whose lift the learning-loop benchmark measures."""
+    from monailabel_evlf import paths
+    from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, SFTConfig, config_from_dict
+    from monailabel_evlf.training.learning_loop import load_learning_loop_config
+
+    loop = load_learning_loop_config(paths.configs_dir() / RECIPE)
+    return {
+        "detector": config_from_dict(DetectorConfig, loop.detector or {}),
+        "sft": config_from_dict(SFTConfig, loop.sft),
+        "grpo": config_from_dict(GRPOConfig, loop.grpo),
+    }
 
 
 def split_held_out(
@@ -97,7 +114,6 @@ class EVLFTrainTask(TrainTask):
         return samples
 
     def __call__(self, request: dict[str, Any], datastore) -> dict[str, Any]:
-        from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, SFTConfig
         from monailabel_evlf.training.finetune import finetune_adapter
 
         started = time.perf_counter()
@@ -120,16 +136,18 @@ class EVLFTrainTask(TrainTask):
             shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float))
             logger.info("evlf_train step %d/%d %s", step, total, shown)
 
-        # "steps": SFT epochs for "sft", GRPO steps otherwise (SFT then runs the learning loop's 5 epochs)
+        # the few-shot recipe measured by `evlf bench learning-loop` (its YAML's stages); "steps" sets the SFT
+        # epochs for "sft", the GRPO steps otherwise
+        recipe = few_shot_recipe()
         stages: dict[str, Any] = {}
         if method in ("sft", "sft+grpo"):
-            stages["sft"] = SFTConfig(epochs=steps if method == "sft" else SFT_EPOCHS_BEFORE_GRPO, batch_size=16)
+            stages["sft"] = replace(recipe["sft"], epochs=steps) if method == "sft" else recipe["sft"]
         if method in ("grpo", "sft+grpo"):
-            stages["grpo"] = GRPOConfig(steps=steps, max_new_tokens=self.app_config.max_new_tokens)
+            stages["grpo"] = replace(recipe["grpo"], steps=steps)
         served = self.served
         if self.app_config.detector_steps and getattr(served.backend, "has_proposals", False):
             # the model sees lesions only through its proposals: LoRA alone cannot reach what the detector misses
-            stages["detector"] = DetectorConfig(steps=self.app_config.detector_steps, learning_rate=2e-3)
+            stages["detector"] = replace(recipe["detector"], steps=self.app_config.detector_steps)
         # trains this process's own model copy: the server process keeps serving until the pointer moves
         result = finetune_adapter(
             served.backend,
