@@ -360,6 +360,21 @@ def _media_type(value: bytes | None) -> str:
     return header.get_content_type() if value else ""
 
 
+def _truncated(dataset: pydicom.Dataset) -> bool:
+    """Whether an element still raw from reading holds fewer bytes than its length says: pydicom reads a file cut
+    inside its last value without an error, so a truncated upload would otherwise pass."""
+    from pydicom.dataelem import RawDataElement
+
+    raws = [dataset.get_item(tag) for tag in dataset.keys()]  # noqa: SIM118 (iterating the dataset converts)
+    return any(
+        isinstance(raw, RawDataElement)
+        and raw.value is not None
+        and raw.length != 0xFFFFFFFF  # undefined length: sequences, read as they come
+        and len(raw.value) != raw.length
+        for raw in raws
+    )
+
+
 def read_stow_body(body: bytes, boundary: str, study_uid: str | None = None) -> list[pydicom.Dataset]:
     """The DICOM objects of a STOW-RS body: each part ``application/dicom`` (else 415), a DICOM file pydicom reads
     whole, of a class in :data:`STOW_SOP_CLASSES` with its modality and valid UIDs, in ``study_uid`` when the URL
@@ -383,6 +398,8 @@ def read_stow_body(body: bytes, boundary: str, study_uid: str | None = None) -> 
             raise refuse(415, f"part {n} has Content-Type {media or 'none'!r}; each part must be application/dicom")
         try:
             dataset = pydicom.dcmread(io.BytesIO(part.content))
+            if _truncated(dataset):
+                raise ValueError("an element is shorter than its declared length")
             dataset.walk(lambda *_: None)  # converts every element now: a malformed value is refused here, not later
         except Exception:  # pydicom raises many error types on a crafted or truncated file; the bytes alone are read
             raise refuse(

@@ -321,7 +321,7 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
         (multipart(dicom_bytes()[:-7]), 422, "pydicom"),
         (multipart(dicom_bytes()[128:]), 422, "pydicom"),  # no preamble / DICM prefix
         (multipart(dicom_bytes(CT_IMAGE, "CT")), 422, "CT Image Storage"),
-        (multipart(dicom_bytes("1.2.840.10008.5.1.4.1.1.104.1", "DOC")), 422, "only SR"),  # encapsulated PDF
+        (multipart(dicom_bytes("1.2.840.10008.5.1.4.1.1.104.1", "DOC")), 422, "only DICOM SR"),  # encapsulated PDF
         (multipart(dicom_bytes(modality="SEG")), 422, "Modality SR"),
         (multipart(dicom_bytes(study="1.2.3.4")), 422, "not to"),
         (multipart(dicom_bytes(study="../../x")), 422, "StudyInstanceUID"),
