@@ -31,12 +31,13 @@ def test_rejects_empty_shots(tmp_path):
         run_learning_loop(LearningLoopConfig(shots=[0]), tmp_path)
 
 
-def test_shipped_config_is_a_window_shift_with_the_detector_stage():
+def test_shipped_config_is_a_low_dose_shift_with_the_detector_stage():
     from monailabel_evlf.training.commands import CONFIG_DIR
     from monailabel_evlf.training.learning_loop import load_learning_loop_config
 
     config = load_learning_loop_config(CONFIG_DIR / "learning-loop.yaml")
-    assert config.window == "liver" and config.detector and set(config.methods) == {"sft", "grpo", "sft+grpo"}
+    assert config.window == "model" and min(config.noise_sd_hu) > 18.0  # noisier than any training phantom (6-18)
+    assert config.detector["steps"] == 400 and set(config.methods) == {"sft", "sft+grpo"}
 
 
 @pytest.mark.slow
