@@ -5,8 +5,11 @@ POLYLINE rectangle (5 points, first = last) on the source instance of slice ``k`
 coordinates, which are our edge coordinates (docs/conventions.md). The group carries the finding as a code
 (SNOMED CT when the label names one, else "Lesion"), the exact label as a DCM "Comment" TEXT (the item OHIF 3.x
 shows and writes as a measurement's label), the finding sentence as "Selected Region Description", the model's
-confidence as a DCM "Probability" NUM and the rectangle's area. Study-level diagnoses and the model's reasoning
-go in TID 1500's "Qualitative Evaluations" container as TEXT items.
+confidence as a DCM "Probability" NUM and the rectangle's area. The Area NUM is also INFERRED FROM a copy of the
+rectangle (TID 300): Cornerstone's adapter, through which OHIF hands a rectangle to its RectangleROI tool for a
+reader to edit, reads the region of a group's first NUM and fails on a group without one. OHIF shows none of the
+text items by itself; the OHIF that this app serves shows them through its configuration (app/ohif.py).
+Study-level diagnoses and the model's reasoning go in TID 1500's "Qualitative Evaluations" container as TEXT items.
 
 Reading: any TID 1500 report whose measurement groups hold 2D SCOORD regions, ours or what OHIF 3.x writes for a
 RectangleROI. OHIF writes (cornerstone3D ``packages/adapters/src/adapters/Cornerstone3D/RectangleROI.ts`` with
@@ -79,6 +82,27 @@ def _text(name: CodedConcept, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
+def _region_of(box: Box2D, image: Dataset, relationship: hd.sr.RelationshipTypeValues) -> hd.sr.ScoordContentItem:
+    """The rectangle as an SCOORD POLYLINE SELECTED FROM its image."""
+    region = hd.sr.ScoordContentItem(
+        name=codes.DCM.ImageRegion,
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_rectangle(box),
+        relationship_type=relationship,
+    )
+    region.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.ImageContentItem(
+                name=codes.DCM.SourceOfMeasurement,
+                referenced_sop_class_uid=image.SOPClassUID,
+                referenced_sop_instance_uid=image.SOPInstanceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.SELECTED_FROM,
+            )
+        ]
+    )
+    return region
+
+
 def _measurement_group(
     n: int, finding: SliceFinding, image: Dataset, site: str, algorithm: hd.sr.AlgorithmIdentification
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
@@ -110,6 +134,11 @@ def _measurement_group(
         algorithm_id=algorithm,
         measurements=measurements,
     )
+    # OHIF takes a rectangle over for editing through Cornerstone's adapter, which reads the region of the group's
+    # first NUM (TID 300: NUM INFERRED FROM SCOORD), not the TID 1410 region above it: the Area NUM gets a copy.
+    area = next(item for item in group[0].ContentSequence if item.ValueType == "NUM")
+    inferred_from = _region_of(finding.box, image, hd.sr.RelationshipTypeValues.INFERRED_FROM)
+    area.ContentSequence = hd.sr.ContentSequence([inferred_from])
     group[0].ContentSequence.append(_text(codes.DCM.Comment, finding.label))
     if finding.text:
         group[0].ContentSequence.append(_text(FINDING_TEXT, finding.text))

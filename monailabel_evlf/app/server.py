@@ -47,6 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from monailabel_evlf.app.config import AppConfig
 from monailabel_evlf.app.datastore import label_suffix
 from monailabel_evlf.app.dicomweb import EVLFDICOMwebDatastore
+from monailabel_evlf.app.ohif import ohif_router
 from monailabel_evlf.app.security import (
     check_id,
     check_json_object,
@@ -618,6 +619,7 @@ def install(instance: MONAILabelApp, config: AppConfig) -> None:
     if auth is not None:
         _move_to_front(app, auth_router(auth))
     _move_to_front(app, guarded_router(instance, config))
+    _move_to_front(app, ohif_router())  # OHIF files served right, EVLF SR text shown (app/ohif.py)
     stack = app.middleware_stack or app.build_middleware_stack()
     app.middleware_stack = Guard(stack, config, auth)
     app.state.evlf_guarded = True

@@ -76,7 +76,8 @@ def test_report_references_the_instance_of_slice_k_and_the_series(report_path, c
     assert evidence.StudyInstanceUID == ct_series[0].StudyInstanceUID
     assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_series[0].SeriesInstanceUID
     by_uid = {ds.SOPInstanceUID: ds for ds in ct_series}
-    regions = [i for i in _walk(sr) if i.ValueType == "SCOORD"]
+    groups = [i for i in _walk(sr) if i.ValueType == "CONTAINER" and _named(i, "125007")]
+    regions = [i for g in groups for i in g.ContentSequence if i.ValueType == "SCOORD"]  # TID 1410's own
     assert len(regions) == 3
     first = regions[0]
     assert first.GraphicType == "POLYLINE"
@@ -361,6 +362,25 @@ def test_report_is_comprehensive_sr_with_cornerstone_tracking(report_path) -> No
     assert trackers and set(trackers) == {"Cornerstone3DTools@^0.1.0:RectangleROI"}
     algorithms = [str(i.TextValue) for g in groups for i in _walk(g) if _named(i, "111001")]  # Algorithm Name
     assert len(algorithms) == len(groups)
+
+
+def test_each_group_s_first_num_is_inferred_from_its_rectangle(report_path) -> None:
+    """What Cornerstone's adapter needs to hand a rectangle to OHIF's RectangleROI tool (getSetupMeasurementData
+    reads the SCOORD under the group's first NUM): the same rectangle on the same image as the group's region."""
+    sr = pydicom.dcmread(report_path)
+    groups = [i for i in _walk(sr) if i.ValueType == "CONTAINER" and _named(i, "125007")]
+    for group in groups:
+        first_num = next(i for i in group.ContentSequence if i.ValueType == "NUM")
+        (inferred,) = first_num.ContentSequence
+        region = next(i for i in group.ContentSequence if i.ValueType == "SCOORD")
+        assert (inferred.RelationshipType, inferred.ValueType) == ("INFERRED FROM", "SCOORD")
+        assert list(inferred.GraphicData) == list(region.GraphicData)
+        (image,) = inferred.ContentSequence
+        assert image.RelationshipType == "SELECTED FROM"
+        assert (
+            image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        )
 
 
 def test_our_sr_is_model_output_and_ohif_sr_is_a_correction(report_path, ct_series) -> None:
