@@ -386,3 +386,27 @@ def test_each_group_s_first_num_is_inferred_from_its_rectangle(report_path) -> N
 def test_our_sr_is_model_output_and_ohif_sr_is_a_correction(report_path, ct_series) -> None:
     assert is_model_output(pydicom.dcmread(report_path))
     assert not is_model_output(ohif_sr(ct_series, [(1, "POLYLINE", OHIF_RECTANGLE, "cyst")], sop_class=ENHANCED_SR))
+
+
+# --- What OHIF 3.10 really writes -----------------------------------------------------------------------------
+# tests/annotations/data/ohif-3.10-rectangle-ellipse.dcm was made by OHIF itself, not by hand: OHIF 3.10 as the
+# monailabel wheel serves it, in headless Chromium, drawing with the mouse on the `ct_series` CT above (same seed,
+# same UIDs) and pressing "Create SR"; `python -m tests.e2e.make_ohif_sr_fixture` (tests/e2e/) made it and makes
+# it again. What it drew: a RectangleROI from pixel (5.5, 6) to (17.25, 20) on slice 1 labelled
+# "ring-enhancing lesion", and an EllipticalROI dragged from its centre (14, 14) to (20, 18) on slice 4 labelled
+# "cyst". Mouse positions land on screen pixels, about 0.03 image pixels apart at that zoom.
+OHIF_310_SR = Path(__file__).parent / "data" / "ohif-3.10-rectangle-ellipse.dcm"
+
+
+@pytest.mark.filterwarnings("ignore:The value length")  # OHIF's CORNERSTONEFREETEXT code values
+def test_reads_the_sr_ohif_3_10_wrote(ct_series) -> None:
+    sr = pydicom.dcmread(OHIF_310_SR)
+    assert sr.SOPClassUID == ENHANCED_SR and not is_model_output(sr)
+    rectangle, ellipse = read_sr_boxes(sr, ct_series)
+    # the label is the free-text Finding Site's CodeMeaning, whole (21 characters; a code value holds 16)
+    assert (rectangle.k, rectangle.label, rectangle.score, rectangle.text) == (1, "ring-enhancing lesion", None, "")
+    got = [rectangle.box.x1, rectangle.box.y1, rectangle.box.x2, rectangle.box.y2]
+    assert got == pytest.approx([5.5, 6.0, 17.25, 20.0], abs=0.1)
+    assert (ellipse.k, ellipse.label) == (4, "cyst")
+    got = [ellipse.box.x1, ellipse.box.y1, ellipse.box.x2, ellipse.box.y2]
+    assert got == pytest.approx([8.0, 10.0, 20.0, 18.0], abs=0.1)  # centre (14, 14), half-axes 6 and 4

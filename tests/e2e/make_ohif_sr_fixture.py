@@ -52,14 +52,19 @@ def main() -> int:
             conf = {"model": "tiny", "adapters": str(root / "adapters")}
             with running_server(dicomweb, conf, timeout=300, env=env) as server, Chromium() as browser:
                 ohif = OHIF(browser, server)
-                ohif.open_study(study, modalities=("CT",))
-                shown = []
-                for n, (tool, index, start, end, label) in enumerate(DRAWN):
-                    shown.append(ohif.show_image(index))
-                    ohif.draw(tool, start, end)
-                    ohif.rename(n, label)
-                drawn = ohif.measurements(len(DRAWN))
-                ohif.create_sr("EVLF fixture")
+                try:
+                    ohif.open_study(study, modalities=("CT",))
+                    shown = []
+                    for n, (tool, index, start, end, label) in enumerate(DRAWN):
+                        shown.append(ohif.show_image(index))
+                        ohif.draw(tool, start, end)
+                        ohif.rename(n, label)
+                    drawn = ohif.measurements(len(DRAWN))
+                    ohif.create_sr("EVLF fixture")
+                except Exception:
+                    shot = browser.screenshot(Path(tempfile.gettempdir()) / "evlf-ohif-fixture-failure.png")
+                    print(f"screenshot of the failure: {shot}", file=sys.stderr)
+                    raise
                 client = DICOMwebClient(dicomweb)
                 found = poll(
                     lambda: client.search_for_series(search_filters={"StudyInstanceUID": study, "Modality": "SR"}),

@@ -101,10 +101,10 @@ class OHIF:
 
     def measurements(self, count: int, timeout: float = 60) -> list[dict[str, Any]]:
         return self.browser.wait_for(
-            f"(() => {{ const m = {MEASUREMENTS}; return m.length >= {count} ? m : null; }})()",
+            f"(() => {{ const m = {MEASUREMENTS}; return m.length >= {count} ? {{ m }} : null; }})()",
             timeout,
             what=f"{count} measurements in OHIF's measurement service",
-        )
+        )["m"]
 
     def open_measurements_panel(self) -> None:
         if not self.browser.evaluate(
@@ -185,9 +185,13 @@ class OHIF:
         (x0, y0), (x1, y1) = self.browser.evaluate(screen)
         self.browser.drag((x0, y0), (x1, y1), steps=10)
         self.measurements(before + 1)
-        time.sleep(1.0)
-        if self.browser.evaluate("document.body.innerText.includes('Track measurements for this series?')"):
-            self.browser.click_text("Yes")
+        asked = "document.body.innerText.includes('Track measurements for this series?')"
+        deadline = time.monotonic() + 5  # OHIF asks once per series, a moment after the first measurement
+        while time.monotonic() < deadline:
+            if self.browser.evaluate(asked):
+                self.browser.click_text("Yes")
+                break
+            time.sleep(0.3)
 
     def rename(self, row: int, label: str) -> None:
         """The measurement panel's row ``row`` (0 = first) menu -> "Rename" -> type ``label`` -> Save."""
