@@ -1,15 +1,13 @@
 """DICOMweb round trip: phantom CT series in a real Orthanc, the EVLF app serving it, SR / SEG stored back.
 
 Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) runs on 127.0.0.1 with free ports, a temporary storage folder
-and a JSON config; the tests skip with the reason when it is not installed.
+and a JSON config (tests/e2e/orthanc.py, shared with the browser test); the tests skip with the reason when it is
+not installed.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,59 +24,19 @@ from monailabel_evlf.annotations.slicer_markups import write_roi_markups
 from monailabel_evlf.app.bench import running_server
 from monailabel_evlf.data.phantoms import write_sample_dataset
 from monailabel_evlf.imaging.geometry import WorldBox
+from tests.e2e import orthanc as orthanc_server
 
 pytestmark = pytest.mark.integration
 
-ORTHANC = shutil.which("Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ORACLE = "tests.app.gt_backend:GroundTruthBackend"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory) -> str:
-    if not ORTHANC or not DICOMWEB_PLUGIN.is_file():
-        pytest.skip("Orthanc with the DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
-    root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {
-        "Name": "evlf-test",
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "index"),
-        "HttpPort": port,
-        "RemoteAccessAllowed": False,  # loopback clients only
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = (root / "orthanc.log").open("w")
-    process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"Orthanc exited with {process.returncode}: {(root / 'orthanc.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{url}/system", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("Orthanc did not start within 60 s")
-            time.sleep(0.3)
-        yield f"{url}/dicom-web"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+    if not orthanc_server.available():
+        pytest.skip(orthanc_server.MISSING)
+    with orthanc_server.running_orthanc(tmp_path_factory.mktemp("orthanc")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
