@@ -215,6 +215,22 @@ class OHIF:
         """The measurement panel's "Create SR", named ``name`` (OHIF stores it through its DICOMweb source)."""
         self.open_measurements_panel()
         self.browser.click_text("Create SR")
-        self.browser.click_on('[role="dialog"] input, .input-undefined, input[type="text"]')
+        # the name field of the dialog that holds the Save button (other text inputs are on the page too)
+        x, y = self.browser.wait_for(
+            """(() => { let box = document.querySelector('[data-cy="Save-btn"]');
+                 while (box && !box.querySelector('input')) box = box.parentElement;
+                 const input = box && box.querySelector('input'); if (!input) return null;
+                 const r = input.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2]; })()""",
+            30,
+            what='the "Create Report" dialog',
+        )
+        self.browser.click(x, y)
         self.browser.type_text(name)
+        self.browser.wait_for(
+            f"""(() => {{ let box = document.querySelector('[data-cy="Save-btn"]');
+                 while (box && !box.querySelector('input')) box = box.parentElement;
+                 return box.querySelector('input').value === {json.dumps(name)}; }})()""",
+            10,
+            what="the report name typed",
+        )
         self.browser.click_on('[data-cy="Save-btn"]')
