@@ -135,9 +135,9 @@ def running_server(
             deadline = time.monotonic() + timeout
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError(f"server exited with {process.returncode}; log: {log.name}")
+                    raise RuntimeError(f"server exited with {process.returncode}; {_log_tail(log.name)}")
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start within {timeout} s; log: {log.name}")
+                    raise RuntimeError(f"server did not start within {timeout} s; {_log_tail(log.name)}")
                 try:
                     if requests.get(f"{url}/info/", timeout=2).ok:
                         break
@@ -151,6 +151,12 @@ def running_server(
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _log_tail(path: str, lines: int = 40) -> str:
+    """The end of a server log, for an error that has to explain itself where the log file is gone (CI)."""
+    tail = Path(path).read_text(errors="replace").splitlines()[-lines:]
+    return f"log: {path}, last {len(tail)} lines:\n" + "\n".join(tail)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -24,6 +24,9 @@ def default_app_home() -> Path:
     return Path(data_home) / "monailabel-evlf" / "app"
 
 
+APP_RUNTIME_FOLDERS = ("model", "lib", "logs", "bin")  # what monailabel start_server creates in the app folder
+
+
 def prepare_app_dir(target: str | Path | None = None) -> Path:
     """The app folder to start: ``target`` if given, else the checkout's ``apps/evlf`` or, from a wheel,
     :func:`default_app_home`.
@@ -32,13 +35,13 @@ def prepare_app_dir(target: str | Path | None = None) -> Path:
     is always the installed package's (a customised app is started with ``monailabel start_server --app``)."""
     source = paths.app_source_dir()
     if target is None:
-        if paths.checkout_root() is not None:
-            return source
-        target = default_app_home()
+        target = source if paths.checkout_root() is not None else default_app_home()
     target = Path(target).resolve()
+    # start_server makes these with a check-then-mkdir; two servers started at once on a fresh folder race there
+    for folder in APP_RUNTIME_FOLDERS:
+        (target / folder).mkdir(parents=True, exist_ok=True)
     if target == source.resolve():
         return target
-    target.mkdir(parents=True, exist_ok=True)
     main = source / "main.py"
     copy = target / "main.py"
     if not copy.is_file() or copy.read_bytes() != main.read_bytes():

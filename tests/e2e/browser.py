@@ -175,15 +175,19 @@ class Chromium:
             self.mouse("mousePressed", x, y, clicks=n)
             self.mouse("mouseReleased", x, y, buttons=0, clicks=n)
 
-    def center_of(self, selector: str, timeout: float = 30) -> tuple[float, float]:
-        """Viewport CSS pixel at the centre of the first visible element matching a CSS selector."""
+    def center_of(self, selector: str, timeout: float = 30, text: str | None = None) -> tuple[float, float]:
+        """Viewport CSS pixel at the centre of the first visible element matching a CSS selector (and whose whole
+        text is ``text``), once nothing covers that pixel: a click there reaches the element, not a toast or a
+        tooltip lying over it for a moment."""
+        match = "true" if text is None else f"e.textContent.trim() === {json.dumps(text)}"
         box = self.wait_for(
             f"""(() => {{ const e = [...document.querySelectorAll({json.dumps(selector)})]
-                 .find(e => e.getBoundingClientRect().width > 0);
+                 .find(e => {match} && e.getBoundingClientRect().width > 0);
                if (!e) return null; const r = e.getBoundingClientRect();
-               return [r.left + r.width / 2, r.top + r.height / 2]; }})()""",
+               const x = r.left + r.width / 2, y = r.top + r.height / 2, top = document.elementFromPoint(x, y);
+               return top && (e.contains(top) || top.contains(e)) ? [x, y] : null; }})()""",
             timeout,
-            what=f"a visible {selector}",
+            what=f"a visible, uncovered {selector}" + ("" if text is None else f" reading {text!r}"),
         )
         return float(box[0]), float(box[1])
 
@@ -192,15 +196,7 @@ class Chromium:
 
     def click_text(self, text: str, selector: str = "button", timeout: float = 30) -> None:
         """Click the first visible element matching ``selector`` whose whole text is ``text``."""
-        box = self.wait_for(
-            f"""(() => {{ const e = [...document.querySelectorAll({json.dumps(selector)})]
-                 .find(e => e.textContent.trim() === {json.dumps(text)} && e.getBoundingClientRect().width > 0);
-               if (!e) return null; const r = e.getBoundingClientRect();
-               return [r.left + r.width / 2, r.top + r.height / 2]; }})()""",
-            timeout,
-            what=f"a visible {selector} reading {text!r}",
-        )
-        self.click(float(box[0]), float(box[1]))
+        self.click(*self.center_of(selector, timeout, text=text))
 
     def drag(self, start: tuple[float, float], end: tuple[float, float], steps: int = 8) -> None:
         """Press at ``start``, move in ``steps`` steps to ``end``, release: what a reader's hand does."""

@@ -36,8 +36,9 @@ def test_another_app_folder_gets_the_packaged_main_refreshed(tmp_path):
     app = commands.prepare_app_dir(tmp_path / "app")
     assert app == (tmp_path / "app").resolve()
     assert (app / "main.py").read_bytes() == source
+    # made before start_server runs: two servers starting at once on a new folder must not race to create them
+    assert all((app / folder).is_dir() for folder in ("model", "lib", "logs", "bin"))
     (app / "main.py").write_text("stale = True\n")
-    (app / "model").mkdir()
     (app / "model" / "kept.txt").write_text("state")
     commands.prepare_app_dir(app)
     assert (app / "main.py").read_bytes() == source
