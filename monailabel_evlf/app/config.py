@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from monailabel_evlf import paths
-from monailabel_evlf.app.security import TRAIN_METHODS, Limits, truth
+from monailabel_evlf.app.security import TRAIN_METHODS, Limits
+from monailabel_evlf.parsing import parse_bool
 from monailabel_evlf.tasks.labels import NORMAL_LABEL
 
 DEMO_MODEL_DIR = paths.demo_model_dir()
@@ -125,10 +126,10 @@ def _int(option: str, value: str, minimum: int) -> int:
 
 
 def _bool(option: str, value: str) -> bool:
-    parsed = truth(value)
-    if parsed is None:
-        raise ConfigError(option, f"expected true/false, got {value!r}")
-    return parsed
+    try:
+        return parse_bool(value, option)
+    except ValueError as exc:
+        raise ConfigError(option, str(exc)) from None
 
 
 def _names(option: str, value: str) -> tuple[str, ...]:

@@ -31,8 +31,8 @@ from monailabel_evlf.app.security import (
     check_tag,
     check_volume_file,
     contained,
+    parse_bool,
     refuse,
-    truth,
     volume_suffix,
 )
 from monailabel_evlf.atomic import write_atomic
@@ -201,7 +201,7 @@ def check_infer_request(request: dict[str, Any], infers: dict[str, Any], datasto
     model = request.get("model")
     if model not in infers:
         raise refuse(404, f"unknown model {str(model)[:80]!r}; available: {', '.join(sorted(infers))}")
-    if truth(request.get("save_label", False)) is not False:
+    if parse_bool(request.get("save_label", False), "save_label"):
         raise refuse(422, "'save_label' is not offered: save corrected labels with PUT /datastore/label")
     if "label_tag" in request:
         check_tag(request["label_tag"])

@@ -32,6 +32,8 @@ from requests_toolbelt.multipart.decoder import (
     NonMultipartContentTypeException,
 )
 
+from monailabel_evlf import parsing
+
 # one id / tag alphabet for the whole server: no separators, no dot-dot, no leading dot or dash, bounded length
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -150,24 +152,12 @@ def check_json_object(value: Any, what: str, limits: Limits) -> dict[str, Any]:
     return value
 
 
-def truth(value: Any) -> bool | None:
-    """The one boolean parser (``--conf`` options and request params): JSON booleans or the usual words; None
-    for anything else."""
-    if isinstance(value, bool):
-        return value
-    lowered = str(value).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    return None
-
-
 def parse_bool(value: Any, what: str) -> bool:
-    parsed = truth(value)
-    if parsed is None:
-        raise refuse(422, f"'{what}' must be true or false, got {value!r}")
-    return parsed
+    """A boolean request param, read by the one shared parser; 422 naming it and the accepted words otherwise."""
+    try:
+        return parsing.parse_bool(value, f"'{what}'")
+    except ValueError as exc:
+        raise refuse(422, str(exc)) from None
 
 
 def volume_suffix(name: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from monailabel_evlf.app.config import AppConfig, ConfigError, parse_app_config, resolve_model
+from monailabel_evlf.parsing import parse_bool
 
 
 def test_defaults_are_the_offline_demo():
@@ -92,3 +93,20 @@ def test_window_defaults_to_the_models_own_and_a_configured_one_wins():
     assert parse_app_config({}).window_for(Backend()) == "abdomen/liver/40,80"
     assert parse_app_config({}).window_for(object()) == "abdomen"  # a model that records none
     assert parse_app_config({"window": "lung/soft_tissue/bone"}).window_for(Backend()) == "lung/soft_tissue/bone"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, True), (False, False), ("on", True), (" YES ", True), (1, True), ("off", False), ("No", False)],
+)
+def test_one_boolean_parser_reads_the_usual_words(value, expected):
+    assert parse_bool(value, "flag") is expected
+    key = "auto_scoring"
+    if not isinstance(value, bool):
+        assert getattr(parse_app_config({key: str(value)}), key) is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "2", "of", None, 1.0])
+def test_unknown_boolean_words_name_the_key_and_the_accepted_words(value):
+    with pytest.raises(ValueError, match=r"^my_flag must be a boolean \(true/false, yes/no, on/off, 1/0\), got"):
+        parse_bool(value, "my_flag")

@@ -33,6 +33,7 @@ from monailabel_evlf.app.security import (
     check_uid,
     check_volume_file,
     contained,
+    parse_bool,
     parse_json_object,
     read_stow_body,
     scrub,
@@ -86,6 +87,14 @@ def test_json_objects_only_bounded_depth():
     for text in ("[1]", "null", "{", "[" * 100_000 + "]" * 100_000, '{"a":' * 40 + "1" + "}" * 40):
         assert status_of(parse_json_object, text, "params", LIMITS) == 422
     assert status_of(parse_json_object, "{}" + " " * (LIMITS.max_json_bytes + 1), "params", LIMITS) == 413
+
+
+def test_boolean_params_are_422_naming_the_param():
+    assert parse_bool("off", "gate") is False and parse_bool(True, "gate") is True
+    with pytest.raises(HTTPException) as caught:
+        parse_bool("sometimes", "gate")
+    assert caught.value.status_code == 422 and "'gate' must be a boolean" in caught.value.detail
+    assert "true/false" in caught.value.detail
 
 
 def test_scrub_removes_server_paths():

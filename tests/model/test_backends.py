@@ -10,6 +10,7 @@ import torch
 
 from monailabel_evlf.model import load_backend
 from monailabel_evlf.model.backend import BACKENDS, SamplingConfig, VLMBackend
+from monailabel_evlf.model.backends.base import parse_options
 from monailabel_evlf.model.backends.evlf import EVLFBackend
 from monailabel_evlf.model.backends.qwen2_5_vl import Qwen25VLBackend
 from monailabel_evlf.model.backends.qwen3_vl import Qwen3VLBackend
@@ -198,3 +199,10 @@ def test_bad_options_and_missing_models_are_value_errors(tiny_dirs, tmp_path):
         load_backend("evlf", str(tiny_dirs["evlf"]), dtype="float64x")
     with pytest.raises(ValueError, match="cannot load model"):
         load_backend("evlf", str(tmp_path / "nothing-here"))
+
+
+def test_boolean_backend_options_use_the_shared_parser():
+    assert parse_options({"local_files_only": "off"}) == {"local_files_only": False}
+    assert parse_options({"local_files_only": "Yes"}) == {"local_files_only": True}
+    with pytest.raises(ValueError, match=r"backend\.local_files_only must be a boolean \(true/false.*got 'sometimes'"):
+        parse_options({"local_files_only": "sometimes"})

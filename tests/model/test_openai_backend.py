@@ -173,6 +173,9 @@ def test_options_are_checked_with_their_names(tiny_dirs):
         parse_server_options({"url": "http://x/v1", "max_concurrency": "0"})
     with pytest.raises(ValueError, match=r"unknown .*\['lora_r'\]"):
         parse_server_options({"url": "http://x/v1", "lora_r": "8"})
+    assert parse_server_options({"url": "http://x/v1", "logprobs": "off"}).logprobs is False
+    with pytest.raises(ValueError, match=r"backend\.logprobs must be a boolean \(true/false.*got 'nope'"):
+        parse_server_options({"url": "http://x/v1", "logprobs": "nope"})
     with pytest.raises(ValueError, match=r"backend\.processor"):
         load_backend("openai_chat", "served-name", url="http://127.0.0.1:9/v1")
     with pytest.raises(ValueError, match="lora-modules"):

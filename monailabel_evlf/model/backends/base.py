@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from monailabel_evlf.model.backend import CompletionLogprobs, SamplingConfig
+from monailabel_evlf.parsing import parse_bool
 from monailabel_evlf.tasks.box_codec import BoxCodec
 
 logger = logging.getLogger(__name__)
@@ -28,17 +29,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _parse_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"backend option {name}={value!r} is not a boolean")
 
 
 def _parse_names(name: str, value: Any) -> tuple[str, ...]:
@@ -58,7 +48,7 @@ OPTION_PARSERS = {
     "lora_target_modules": lambda name, v: str(v),
     "extra_trainable": _parse_names,
     "system_prompt": lambda name, v: str(v),
-    "local_files_only": _parse_bool,
+    "local_files_only": lambda name, v: parse_bool(v, f"backend.{name}"),
 }
 
 

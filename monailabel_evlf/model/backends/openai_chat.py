@@ -48,6 +48,7 @@ from PIL import Image
 
 from monailabel_evlf.errors import BackendUnavailable
 from monailabel_evlf.model.backend import CompletionLogprobs, SamplingConfig, resolve_backend_class
+from monailabel_evlf.parsing import parse_bool
 from monailabel_evlf.tasks.box_codec import BoxCodec
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,6 @@ TRAINING_STAYS_LOCAL = (
     "the openai_chat backend only generates: train with a local backend (e.g. --backend qwen2_5_vl) and serve the "
     "adapter with vLLM --enable-lora --lora-modules NAME=DIR, then --conf model NAME (docs/scale.md)"
 )
-
-
-def _bool(value: Any) -> bool:
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("is not a boolean")
 
 
 def _positive(kind: type) -> Callable[[Any], Any]:
@@ -122,10 +114,10 @@ OPTION_PARSERS: dict[str, Callable[[Any], Any]] = {
     "connect_timeout_s": _positive(float),
     "retries": _non_negative(int),
     "backoff_s": _non_negative(float),
-    "logprobs": _bool,
+    "logprobs": lambda v: parse_bool(v, "backend.logprobs"),
     "api_key_env": str,
     "system_prompt": str,
-    "local_files_only": _bool,
+    "local_files_only": lambda v: parse_bool(v, "backend.local_files_only"),
 }
 
 
