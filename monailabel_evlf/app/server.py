@@ -337,6 +337,14 @@ class InferRunner:
 _SERVER_KEYS = {"bundle_path", "image", "model", "description", "session", "file", "label", "device", "logging"}
 
 
+def check_can_train(trainer: Any) -> None:
+    """A trainer that can tell up front it cannot run here (EVLFTrainTask over a remote backend) answers its 4xx
+    in the route, before MONAI Label starts a training child and answers 200."""
+    check = getattr(trainer, "check_can_train", None)
+    if check is not None:
+        check()
+
+
 def _client_params(params: dict[str, Any], what: str) -> dict[str, Any]:
     for key in params:
         if key in _SERVER_KEYS or key.startswith("_"):
@@ -485,6 +493,7 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
     ):
         if model not in instance._trainers:
             raise refuse(404, f"unknown trainer {model[:80]!r}; available: {', '.join(sorted(instance._trainers))}")
+        check_can_train(instance._trainers[model])
         params = check_train_params(check_json_object(params or {}, "params", limits), config, limits)
         return ml_train.run_model(model, params, False, enqueue)
 
@@ -492,6 +501,7 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
     def train_all(params: dict | None = None, run_sync: bool | None = False, user: User = Depends(admin_role)):
         params = check_json_object(params or {}, "params", limits)
         for model in instance._trainers:
+            check_can_train(instance._trainers[model])
             check_train_params(check_json_object(params.get(model, {}), model, limits), config, limits)
         unknown = sorted(set(params) - set(instance._trainers))
         if unknown:

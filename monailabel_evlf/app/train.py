@@ -20,7 +20,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from monailabel_evlf.app.config import AppConfig
-from monailabel_evlf.app.security import TRAIN_PARAMS, check_train_params, parse_bool
+from monailabel_evlf.app.security import TRAIN_PARAMS, check_train_params, parse_bool, refuse
 
 if TYPE_CHECKING:
     from monailabel_evlf.app.serving import ServedModel
@@ -72,6 +72,13 @@ class EVLFTrainTask(TrainTask):
         self.served = served
         self.app_config = config
 
+    def check_can_train(self) -> None:
+        """409 before MONAI Label starts the training child when the served backend cannot be fine-tuned here (a
+        remote inference server only generates); otherwise the child fails after the client got 200 SUBMITTED."""
+        reason = getattr(self.served.backend, "cannot_train", None)
+        if reason:
+            raise refuse(409, f"training needs a local backend: {reason}")
+
     def config(self) -> dict[str, Any]:
         return {"method": self.app_config.train_method, "steps": self.app_config.train_steps, "label_tag": "final"}
 
@@ -117,6 +124,7 @@ class EVLFTrainTask(TrainTask):
         from monailabel_evlf.training.finetune import finetune_adapter
 
         started = time.perf_counter()
+        self.check_can_train()
         # the server's route checked these before answering; checked again because this child trusts no one
         client = {k: request[k] for k in TRAIN_PARAMS if k in request}
         check_train_params(client, self.app_config, self.app_config.limits)

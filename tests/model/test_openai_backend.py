@@ -357,6 +357,27 @@ def test_app_answers_through_the_server_then_503_when_it_is_gone(monailabel_serv
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.integration
+def test_app_refuses_training_with_a_remote_backend_before_anything_starts(monailabel_server, tiny_dirs, tmp_path):
+    """Training stays local: 409 naming the way (a local backend, vLLM LoRA) at once, no child, no adapter."""
+    from monailabel_evlf.data.phantoms import write_sample_dataset
+
+    studies = tmp_path / "studies"
+    write_sample_dataset(studies, n=1, shape=(32, 32, 8))
+    adapters = tmp_path / "adapters"
+    conf = {"backend": "openai_chat", "model": str(tiny_dirs["qwen2_5_vl"]), "adapters": str(adapters)}
+    # no model server at all: the app starts (a warning) and training is refused all the same
+    app = monailabel_server(studies, {**conf, "backend.url": f"http://127.0.0.1:{_free_port()}/v1"}, timeout=240)
+    before = sorted(adapters.rglob("*"))
+    for url in (f"{app.url}/train/evlf_train", f"{app.url}/train/"):
+        refused = requests.post(url, json={"method": "grpo", "steps": 1}, timeout=30)
+        assert refused.status_code == 409, refused.text[:2000]
+        detail = refused.json()["detail"]
+        assert "training needs a local backend" in detail and "vLLM --enable-lora" in detail, detail
+    assert "No Train Tasks" in requests.get(f"{app.url}/train/", timeout=30).text  # no training child started
+    assert sorted(adapters.rglob("*")) == before and not any(p.is_file() for p in before)
+
+
 @pytest.mark.slow
 def test_an_adapter_trained_here_is_served_merged(local, tiny_dirs, tmp_path):
     """The route docs/scale.md gives for adapters with trained connectors (vLLM's LoRA modules cannot hold

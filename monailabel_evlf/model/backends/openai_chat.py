@@ -39,7 +39,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import requests
@@ -175,6 +175,10 @@ class Choice:
 
 class OpenAIChatBackend:
     """:class:`~monailabel_evlf.model.backend.VLMBackend` over HTTP; ``model_id`` is the name the server serves."""
+
+    # why this backend cannot be fine-tuned here: the app's train route answers 409 with it before a training child
+    # starts (backends without the attribute train)
+    cannot_train: ClassVar[str] = TRAINING_STAYS_LOCAL
 
     def __init__(self, served_model: str, options: ServerOptions, box_codec: BoxCodec) -> None:
         self.model_id = served_model
