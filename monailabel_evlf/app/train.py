@@ -121,7 +121,7 @@ class EVLFTrainTask(TrainTask):
         return samples
 
     def __call__(self, request: dict[str, Any], datastore) -> dict[str, Any]:
-        from monailabel_evlf.training.finetune import finetune_adapter
+        from monailabel_evlf.training.finetune import finetune_adapter, method_stages
 
         started = time.perf_counter()
         self.check_can_train()
@@ -145,24 +145,26 @@ class EVLFTrainTask(TrainTask):
             logger.info("evlf_train step %d/%d %s", step, total, shown)
 
         # the few-shot recipe measured by `evlf bench learning-loop` (its YAML's stages); "steps" sets the SFT
-        # epochs for "sft", the GRPO steps otherwise
+        # epochs for "sft", the GRPO steps otherwise. The compact loops: a few CPU steps in this process
         recipe = few_shot_recipe()
-        stages: dict[str, Any] = {}
-        if method in ("sft", "sft+grpo"):
-            stages["sft"] = replace(recipe["sft"], epochs=steps) if method == "sft" else recipe["sft"]
-        if method in ("grpo", "sft+grpo"):
-            stages["grpo"] = replace(recipe["grpo"], steps=steps)
         served = self.served
+        detector = None
         if self.app_config.detector_steps and getattr(served.backend, "has_proposals", False):
             # the model sees lesions only through its proposals: LoRA alone cannot reach what the detector misses
-            stages["detector"] = replace(recipe["detector"], steps=self.app_config.detector_steps)
+            detector = replace(recipe["detector"], steps=self.app_config.detector_steps)
+        stages = method_stages(
+            method,
+            sft=replace(recipe["sft"], epochs=steps) if method == "sft" else recipe["sft"],
+            grpo=replace(recipe["grpo"], steps=steps),
+            detector=detector,
+        )
         # trains this process's own model copy: the server process keeps serving until the pointer moves
         result = finetune_adapter(
             served.backend,
             train,
             held,
             served.registry,
-            **stages,
+            stages,
             gate_metric=GATE_METRIC,
             tolerance=0.0 if gate else float("inf"),
             callback=progress,

@@ -7,30 +7,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from monailabel_evlf.paths import configs_dir
+from monailabel_evlf.training.config import TRAINING_CONFIG_DIR as CONFIG_DIR
+from monailabel_evlf.training.config import tqdm_progress
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = configs_dir() / "training"
-DEFAULT_MODEL = "models/evlf-demo"
-
-
-def tqdm_progress(desc: str):
-    """A :data:`~monailabel_evlf.training.config.ProgressCallback` drawing a tqdm bar per training stage."""
-    from tqdm.auto import tqdm
-
-    bars: list[Any] = []
-
-    def update(step: int, total: int, logs: dict[str, float]) -> None:
-        if step == 1 or not bars:  # a new stage (SFT, GRPO, ...) starts counting again
-            bars.append(tqdm(total=total, desc=desc, unit="step"))
-        bar = bars[-1]
-        bar.update(step - bar.n)
-        bar.set_postfix({k: f"{logs[k]:.3f}" for k in ("loss", "reward", "kl") if k in logs}, refresh=False)
-        if step == total:
-            bar.close()
-
-    return update
+# a preset (configs/models/demo.yaml): resolved against the checkout or the wheel's bundle, so any cwd works
+DEFAULT_MODEL = "demo"
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -117,15 +100,37 @@ def phantom_folder_studies(folder: str | Path) -> list[tuple[Any, Any, dict[str,
     return studies
 
 
+def trl_options(settings: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The YAML's ``trl`` section with the command line's switches on top (they win)."""
+    import dataclasses
+
+    from monailabel_evlf.training.config import TRLConfig, config_from_dict
+
+    options = config_from_dict(TRLConfig, settings.get("trl"))
+    switches = {
+        "output_dir": args.trl_output_dir,
+        "resume_from_checkpoint": args.resume,
+        "bf16": args.bf16 or None,
+        "gradient_checkpointing": args.gradient_checkpointing or None,
+        "use_vllm": args.use_vllm or None,
+    }
+    return dataclasses.replace(options, **{k: v for k, v in switches.items() if v is not None})
+
+
 def run_train(args: argparse.Namespace) -> int:
     from monailabel_evlf.training.adapters import AdapterRegistry
     from monailabel_evlf.training.config import GRPOConfig, SFTConfig, config_from_dict, load_training_yaml
-    from monailabel_evlf.training.finetune import finetune_adapter
+    from monailabel_evlf.training.finetune import finetune_adapter, method_stages
     from monailabel_evlf.training.samples import load_samples
 
     settings = load_training_yaml(args.config)
-    sft = config_from_dict(SFTConfig, settings.get("sft")) if "sft" in args.stages else None
-    grpo = config_from_dict(GRPOConfig, settings.get("grpo")) if "grpo" in args.stages else None
+    stages = method_stages(
+        "+".join(name for name in ("sft", "grpo") if name in args.stages),  # SFT first, as the paper
+        sft=config_from_dict(SFTConfig, settings.get("sft")),
+        grpo=config_from_dict(GRPOConfig, settings.get("grpo")),
+        trainer=args.trainer,
+        trl=trl_options(settings, args) if args.trainer == "trl" else None,
+    )
     backend = load_backend_from_args(args)
     options = sample_options_from_args(args, backend)
     train, held_out = load_samples(args.data, options), load_samples(args.held_out, options)
@@ -135,8 +140,7 @@ def run_train(args: argparse.Namespace) -> int:
         train,
         held_out,
         registry,
-        sft=sft,
-        grpo=grpo,
+        stages,
         gate_metric=args.gate_metric,
         tolerance=args.tolerance,
         callback=tqdm_progress("train"),
@@ -192,6 +196,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--model-name", default=None, help="registry folder name (default: the model folder name)")
     train.add_argument("--gate-metric", default="acc@0.5", help="held-out metric that must not get worse")
     train.add_argument("--tolerance", type=float, default=0.0, help="allowed drop of the gate metric")
+    train.add_argument(
+        "--trainer",
+        default="compact",
+        choices=["compact", "trl"],
+        help="compact: our loops (every backend, CPU-friendly); trl: TRL's GRPOTrainer / SFTTrainer "
+        "(transformers backends; accelerate launch for several GPUs, see docs/training.md)",
+    )
+    trl = train.add_argument_group("--trainer trl (override the YAML's trl section)")
+    trl.add_argument("--trl-output-dir", default=None, help="checkpoints and TensorBoard runs (default trl-runs)")
+    trl.add_argument("--resume", default=None, metavar="CHECKPOINT", help="a checkpoint-N folder, or 'latest'")
+    trl.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    trl.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    trl.add_argument("--use-vllm", action="store_true", help="generate GRPO samples with vLLM (needs vllm, a GPU)")
     train.set_defaults(func=run_train)
 
     demo = subparsers.add_parser(

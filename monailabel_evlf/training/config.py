@@ -13,8 +13,30 @@ from typing import Any, TypeVar
 
 import yaml
 
+from monailabel_evlf.paths import configs_dir
+
+TRAINING_CONFIG_DIR = configs_dir() / "training"
+
 # progress(step, total_steps, logs): the MONAI Label train task and the CLI's tqdm bar both plug in here
 ProgressCallback = Callable[[int, int, dict[str, float]], None]
+
+
+def tqdm_progress(desc: str) -> ProgressCallback:
+    """A :data:`ProgressCallback` drawing a tqdm bar per training stage (the CLI commands and benchmarks)."""
+    from tqdm.auto import tqdm
+
+    bars: list[Any] = []
+
+    def update(step: int, total: int, logs: dict[str, float]) -> None:
+        if step == 1 or not bars:  # a new stage (SFT, GRPO, ...) starts counting again
+            bars.append(tqdm(total=total, desc=desc, unit="step"))
+        bar = bars[-1]
+        bar.update(step - bar.n)
+        bar.set_postfix({k: f"{logs[k]:.3f}" for k in ("loss", "reward", "kl") if k in logs}, refresh=False)
+        if step == total:
+            bar.close()
+
+    return update
 
 
 @dataclasses.dataclass
@@ -89,6 +111,33 @@ class DetectorConfig:
             raise ValueError(f"max_shift must be in [0, 0.5), got {self.max_shift}")
 
 
+@dataclasses.dataclass
+class TRLConfig:
+    """How ``--trainer trl`` runs (TRL's ``GRPOTrainer`` / ``SFTTrainer``); the objective stays in ``sft`` / ``grpo``.
+
+    ``extra`` goes to TRL's own config unchanged (any ``trl.GRPOConfig`` / ``trl.SFTConfig`` field, checked by TRL),
+    except the fields :mod:`monailabel_evlf.training.trl_grpo` maps from our sections, which must be set there.
+    """
+
+    output_dir: str = "trl-runs"  # checkpoints (checkpoint-N/) and TensorBoard runs
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = 0  # 0: no intermediate checkpoints
+    save_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint-N folder, or "latest" (the newest in output_dir)
+    report_to: str = "auto"  # "auto": TensorBoard when it is installed, else nothing; or "none", "tensorboard", ...
+    log_completions: bool = False  # sample completions into the logs (and TensorBoard)
+    use_vllm: bool = False  # generate with vLLM (Qwen backends on GPU; needs the vllm package)
+    vllm_mode: str = "colocate"  # "colocate" (same GPUs) or "server" (`trl vllm-serve` elsewhere)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.save_steps < 0:
+            raise ValueError(f"TRLConfig.save_steps must be >= 0, got {self.save_steps}")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"TRLConfig.vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}")
+
+
 T = TypeVar("T")
 
 
@@ -107,7 +156,8 @@ def config_from_dict(cls: type[T], values: Mapping[str, Any] | None) -> T:
 
 
 def load_training_yaml(path: str | Path) -> dict[str, Any]:
-    """A training YAML: top-level sections ``sft`` and/or ``grpo`` plus free-form ``data`` / ``model`` sections."""
+    """A training YAML: top-level sections ``sft`` and/or ``grpo`` (and ``trl`` for ``--trainer trl``) plus
+    free-form ``data`` / ``model`` sections."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training config not found: {path}")

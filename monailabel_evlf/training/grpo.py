@@ -1,14 +1,15 @@
-"""Stage 2: GRPO on the adapter, over the :class:`~monailabel_evlf.model.backend.VLMBackend` protocol.
+"""Stage 2: GRPO on the adapter, over the :class:`~monailabel_evlf.model.backend.VLMBackend` protocol (the
+compact loop).
 
-Why not TRL's ``GRPOTrainer`` here: it drives a ``transformers`` model plus processor (chat template,
-``pixel_values``) and its own ``generate``; our backends are a protocol (the native EVLF model with two encoders
-and connectors, pretrained VLM wrappers, user-supplied ``module:Class`` backends) whose only contract is
-``generate`` / ``completion_logprobs`` / ``reference_policy``. One compact loop over that contract trains every
-backend the same way, updates only ``trainable_parameters()`` (LoRA + connectors) and gets the reference policy
-from ``backend.reference_policy()`` (peft ``disable_adapter()``) instead of a second model copy. The objective
-itself is TRL's, term for term (``grpo_math``, checked against hand-computed values in the tests), and the reward
-functions are TRL-shaped (``fn(prompts, completions, **columns) -> list[float]``), so they also plug into
-``GRPOTrainer`` for backends that are plain ``transformers`` models.
+Transformers backends can train with TRL's ``GRPOTrainer`` instead (``evlf train --trainer trl``,
+:mod:`monailabel_evlf.training.trl_grpo`: multi-GPU, bf16, checkpoints, vLLM). This loop stays where it earns its
+place: user ``module:Class`` backends, whose only contract is ``generate`` / ``completion_logprobs`` /
+``reference_policy`` (no ``transformers`` model or processor for TRL to drive), and the few-step in-app CPU round of
+the MONAI Label train task, where TRL's start-up (accelerate, datasets, its trainer) is most of the time. It updates
+only ``trainable_parameters()`` (LoRA + connectors) and takes the reference policy from
+``backend.reference_policy()`` (peft ``disable_adapter()``), as the TRL path does. The objective is TRL's, term for
+term (``grpo_math``; ``tests/training/test_trl_grpo.py`` checks it against ``GRPOTrainer``'s own loss), and the
+reward functions are TRL-shaped (``fn(prompts, completions, **columns) -> list[float]``), so both paths share them.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch
 from monailabel_evlf.model.backend import SamplingConfig, VLMBackend
 from monailabel_evlf.training.config import GRPOConfig, ProgressCallback
 from monailabel_evlf.training.grpo_math import group_advantages, grpo_loss
+from monailabel_evlf.training.optim import seeded_optimizer
 from monailabel_evlf.training.samples import TrainingSample
-from monailabel_evlf.training.sft import seeded_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,13 @@ def train_grpo(
         raise ValueError("GRPO needs at least one training sample")
     if not reward_funcs:
         raise ValueError("GRPO needs at least one reward function")
-    params, optimizer, rng = seeded_optimizer(backend, config.learning_rate, config.weight_decay, config.seed)
+    params, optimizer, rng = seeded_optimizer(
+        backend.trainable_parameters(),
+        config.learning_rate,
+        config.weight_decay,
+        config.seed,
+        what=f"backend {backend.model_id!r}",
+    )
     group = config.group_size
     history = []
     for step in range(config.steps):

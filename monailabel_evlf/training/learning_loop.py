@@ -144,7 +144,7 @@ def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progre
 
 
 def _progress(desc: str):
-    from monailabel_evlf.training.commands import tqdm_progress
+    from monailabel_evlf.training.config import tqdm_progress
 
     return tqdm_progress(desc)
 
@@ -202,7 +202,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from monailabel_evlf.training.commands import CONFIG_DIR
+    from monailabel_evlf.training.config import TRAINING_CONFIG_DIR as CONFIG_DIR
 
     parser = subparsers.add_parser(
         "learning-loop", help="zero-shot vs few-shot GRPO vs SFT on a distribution shift (Acc@0.5, mIoU, time)"

@@ -1,8 +1,8 @@
 """Stage 1: supervised fine-tuning of the adapter (LoRA on the LLM + both connectors) on target answers.
 
-A compact loop over :meth:`VLMBackend.completion_logprobs` rather than TRL's ``SFTTrainer`` for the reason given
-in :mod:`monailabel_evlf.training.grpo`: one loop for every backend (native EVLF, pretrained VLM wrappers,
-user-supplied ones), updating exactly ``backend.trainable_parameters()``. The loss is the token-level mean
+The compact loop over :meth:`VLMBackend.completion_logprobs`; transformers backends can use TRL's ``SFTTrainer``
+instead (``--trainer trl``, :mod:`monailabel_evlf.training.trl_sft`). This loop is kept for the reasons given in
+:mod:`monailabel_evlf.training.grpo` (user backends, the in-app CPU round). The loss is the token-level mean
 negative log-likelihood of the answer tokens only (prompt and image tokens are context), as ``SFTTrainer`` with
 ``completion_only_loss``.
 """
@@ -14,26 +14,15 @@ import math
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from monailabel_evlf.model.backend import VLMBackend
 from monailabel_evlf.training.config import ProgressCallback, SFTConfig
 from monailabel_evlf.training.grpo_math import masked_mean
+from monailabel_evlf.training.optim import seeded_optimizer
 from monailabel_evlf.training.samples import TrainingSample
 
 logger = logging.getLogger(__name__)
-
-
-def seeded_optimizer(
-    backend: VLMBackend, learning_rate: float, weight_decay: float, seed: int
-) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, np.random.Generator]:
-    """AdamW over the backend's trainable parameters, with torch and the sample order seeded (both loops)."""
-    params = [p for p in backend.trainable_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"backend {backend.model_id!r} has no trainable parameters")
-    torch.manual_seed(seed)
-    return params, torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay), np.random.default_rng(seed)
 
 
 def sft_loss(backend: VLMBackend, batch: Sequence[TrainingSample]) -> torch.Tensor:
@@ -54,7 +43,13 @@ def train_sft(
     missing = [i for i, s in enumerate(samples) if not s.target]
     if missing:
         raise ValueError(f"samples {missing[:5]} have no target answer to learn")
-    params, optimizer, rng = seeded_optimizer(backend, config.learning_rate, config.weight_decay, config.seed)
+    params, optimizer, rng = seeded_optimizer(
+        backend.trainable_parameters(),
+        config.learning_rate,
+        config.weight_decay,
+        config.seed,
+        what=f"backend {backend.model_id!r}",
+    )
     steps_per_epoch = math.ceil(len(samples) / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = int(config.warmup_ratio * total)

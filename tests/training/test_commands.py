@@ -1,5 +1,7 @@
 """The training commands are registered with the `evlf` CLI and validate their input."""
 
+from pathlib import Path
+
 import pytest
 
 from monailabel_evlf.cli import build_parser, main
@@ -8,9 +10,10 @@ from monailabel_evlf.cli import build_parser, main
 def test_commands_are_registered():
     parser = build_parser()
     args = parser.parse_args(["eval", "--data", "d", "--consistency", "3"])
-    assert args.func.__name__ == "run_eval" and args.model == "models/evlf-demo" and args.consistency == 3
+    assert args.func.__name__ == "run_eval" and args.model == "demo" and args.consistency == 3
     args = parser.parse_args(["train", "--data", "d", "--held-out", "h", "--stages", "sft", "grpo"])
     assert args.func.__name__ == "run_train" and args.stages == ["sft", "grpo"] and args.gate_metric == "acc@0.5"
+    assert args.trainer == "compact"
     args = parser.parse_args(["build-demo-model", "out"])
     assert args.func.__name__ == "run_build_demo_model" and args.config.endswith("demo.yaml")
     args = parser.parse_args(["bench", "learning-loop", "--shots", "8", "16"])
@@ -32,3 +35,25 @@ def test_build_demo_model_refuses_a_non_empty_folder(tmp_path, capsys):
 def test_required_arguments(bad):
     with pytest.raises(SystemExit):
         build_parser().parse_args(bad)
+
+
+def test_eval_default_model_is_the_demo_preset_from_any_folder(tmp_path, monkeypatch):
+    """`evlf eval` without --model loads the demo preset, which does not depend on the working directory."""
+    from monailabel_evlf.model.presets import get_preset, model_location
+    from monailabel_evlf.training.commands import load_backend_from_args
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["eval", "--data", "d"])
+    preset = get_preset(args.model)
+    assert preset is not None and preset.backend == "evlf"
+    assert Path(model_location(preset)).is_absolute() and not (tmp_path / "models").exists()
+    backend = load_backend_from_args(args)
+    assert Path(backend.model_id).is_absolute() and Path(backend.model_id).name == "evlf-demo"
+
+
+def test_train_with_trl_on_a_user_backend_is_refused(tmp_path):
+    """TRL drives a transformers model and processor: other backends are told to use the compact trainer."""
+    from monailabel_evlf.training.trl_common import require_trl_backend
+
+    with pytest.raises(ValueError, match="--trainer compact"):
+        require_trl_backend(object())

@@ -80,3 +80,29 @@ def test_evaluate_reports_every_task(backend, samples, tmp_path):
     assert json.loads(paths["json"].read_text())["grounding"]["miou"] == flat["miou"]
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "acc@0.5" in paths["text"].read_text()
+
+
+def test_methods_map_to_stage_lists_and_stages_run_in_order(backend, samples, tmp_path):
+    """The app's method names are stage lists; finetune_adapter runs a given list in order, each stage once."""
+    from monailabel_evlf.training.config import DetectorConfig
+    from monailabel_evlf.training.finetune import DetectorStage, GRPOStage, SFTStage, method_stages
+
+    stages = method_stages("sft+grpo", sft=SFTConfig(epochs=1), detector=DetectorConfig(steps=1))
+    assert [type(s) for s in stages] == [DetectorStage, SFTStage, GRPOStage]
+    assert [s.name for s in method_stages("grpo")] == ["grpo"]
+    with pytest.raises(ValueError, match="unknown training method"):
+        method_stages("rlhf")
+    with pytest.raises(ValueError, match="trainer must be one of"):
+        SFTStage(SFTConfig(), trainer="deepspeed")
+    registry = AdapterRegistry(tmp_path, "tiny")
+    with pytest.raises(ValueError, match="once per round"):
+        finetune_adapter(backend, samples, samples, registry, [SFTStage(SFTConfig()), SFTStage(SFTConfig())])
+    with pytest.raises(ValueError, match="not both"):
+        finetune_adapter(backend, samples, samples, registry, method_stages("sft"), sft=SFTConfig())
+    sft_then_grpo = [
+        SFTStage(SFTConfig(epochs=1, batch_size=4)),
+        method_stages("grpo", grpo=GRPOConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=8))[0],
+    ]
+    result = finetune_adapter(backend, samples[1::2][:4], samples[::2], registry, sft_then_grpo, max_new_tokens=16)
+    assert list(result.history) == ["sft", "grpo"]
+    assert result.version.meta["config"]["sft"]["trainer"] == "compact"

@@ -1,0 +1,139 @@
+"""What TRL's ``GRPOTrainer`` and ``SFTTrainer`` runs share here: the run options, the progress callback, the
+processor our EVLF backend hands TRL, and putting the backend back as it was afterwards.
+
+TRL needs a ``transformers`` model with peft and a registered processor: every built-in backend
+(:class:`~monailabel_evlf.model.backends.base.HFVLMBackend`) is one. User ``module:Class`` backends are not, and
+keep the compact loops (:mod:`~monailabel_evlf.training.grpo`, :mod:`~monailabel_evlf.training.sft`).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monailabel_evlf.model.backend import VLMBackend
+from monailabel_evlf.training.config import ProgressCallback, TRLConfig
+
+logger = logging.getLogger(__name__)
+
+
+def require_trl_backend(backend: VLMBackend) -> None:
+    """TRL trains the backend's peft model with its processor: only Hugging Face backends have both."""
+    from monailabel_evlf.model.backends.base import HFVLMBackend
+
+    if not isinstance(backend, HFVLMBackend):
+        raise ValueError(
+            f"--trainer trl needs a transformers backend (evlf, qwen2_5_vl, qwen3_vl); {type(backend).__name__} "
+            "is not one: use the compact trainer (--trainer compact)"
+        )
+
+
+def run_arguments(options: TRLConfig, backend: Any) -> dict[str, Any]:
+    """The ``TrainingArguments`` fields every TRL run here sets the same way (precision, checkpoints, logging)."""
+    if options.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise ImportError(
+            "trl.use_vllm is set but the vllm package is not installed: `pip install vllm` (a CUDA machine), or "
+            "set use_vllm: false to generate with transformers"
+        )
+    report_to = options.report_to
+    if report_to == "auto":
+        report_to = "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
+    return {
+        "output_dir": options.output_dir,
+        "bf16": options.bf16,
+        "gradient_checkpointing": options.gradient_checkpointing,
+        "save_strategy": "steps" if options.save_steps else "no",
+        "save_steps": options.save_steps or 500,
+        "save_total_limit": options.save_total_limit,
+        "report_to": report_to,
+        "logging_steps": 1,
+        "use_cpu": backend.model.device.type == "cpu",
+        "optim": "adamw_torch",  # torch.optim.AdamW as the compact loops (the fused default is CUDA-minded)
+        "dataloader_pin_memory": False,
+        "disable_tqdm": True,
+    }
+
+
+def checked_extra(options: TRLConfig, mapped: dict[str, Any]) -> dict[str, Any]:
+    """``options.extra`` minus nothing: a key we map from our own sections must be set there, not twice."""
+    clash = sorted(set(options.extra) & set(mapped))
+    if clash:
+        raise ValueError(f"trl.extra sets {clash}, which come from the sft / grpo sections: set them there")
+    return dict(options.extra)
+
+
+def resume_checkpoint(options: TRLConfig) -> str | bool | None:
+    """``resume_from_checkpoint`` as ``Trainer.train`` takes it ("latest": the newest checkpoint-N in output_dir)."""
+    if options.resume_from_checkpoint is None:
+        return None
+    if options.resume_from_checkpoint == "latest":
+        return True
+    path = Path(options.resume_from_checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"trl.resume_from_checkpoint: no checkpoint folder {path}")
+    return str(path)
+
+
+def progress_callback(callback: ProgressCallback | None, total: int, history: list[dict[str, float]]) -> Any:
+    """A ``TrainerCallback`` that records each step's logs and calls our :data:`ProgressCallback` with them."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "train_runtime" in logs:  # the end-of-run summary is not a step
+                return
+            log = {"step": state.global_step, **{k: float(v) for k, v in logs.items() if isinstance(v, int | float)}}
+            history.append(log)
+            if callback is not None:
+                callback(state.global_step, total, log)
+
+    return Progress()
+
+
+class _FlatImagesMixin:
+    """``ProcessorMixin.apply_chat_template`` and TRL pass images as one list per conversation; the EVLF processor
+    takes one flat list (one ``<|image|>`` each, in order), as it has no HF image processor to flatten them.
+    It also always tokenises without special tokens (the chat template writes them) and so refuses TRL's
+    ``add_special_tokens=False``."""
+
+    def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
+        if kwargs.pop("add_special_tokens", False):
+            raise ValueError("the EVLF processor adds no special tokens; the chat template writes them")
+        if images is not None and not isinstance(images, np.ndarray):
+            flat = []
+            for item in images:
+                flat.extend(item if isinstance(item, list | tuple) else [item])
+            images = [np.asarray(image) for image in flat]  # PIL (datasets' Image feature) -> uint8 arrays
+        return super().__call__(images=images, text=text, **kwargs)
+
+
+def trl_processor(backend: Any) -> Any:
+    """The backend's processor as TRL drives it: unchanged for HF processors, which flatten per-sample image
+    lists themselves; a copy that flattens them for processors without an ``image_processor`` (EVLF)."""
+    processor = backend.processor
+    if getattr(processor, "image_processor", None) is not None:
+        return processor
+    flat = copy.copy(processor)
+    flat.__class__ = type(f"Flat{type(processor).__name__}", (_FlatImagesMixin, type(processor)), {})
+    return flat
+
+
+@contextmanager
+def restored_backend(backend: Any) -> Iterator[None]:
+    """Leave the backend as TRL found it: TRL patches the model's ``forward`` with its fused LM head (an instance
+    attribute over the class method) and may switch gradient checkpointing on."""
+    model = backend.model
+    try:
+        yield
+    finally:
+        model.__dict__.pop("forward", None)
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        backend.eval()
