@@ -42,12 +42,17 @@ def _add_sample_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_backend_from_args(args: argparse.Namespace) -> Any:
+    import os
+
     from monailabel_evlf.model import load_backend
 
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # accelerate launch / torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     return load_backend(
         args.backend,
         args.model,
-        device=args.device,
+        device=device,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
         adapter=args.adapter,
@@ -146,6 +151,8 @@ def run_train(args: argparse.Namespace) -> int:
         callback=tqdm_progress("train"),
         config_extra={"data": str(args.data), "config_file": str(args.config)},
     )
+    if result is None:  # not the main process of a multi-process (accelerate launch) run: it only trained
+        return 0
     state = "promoted" if result.promoted else "kept (not promoted: worse than the current one on held-out data)"
     print(f"adapter {result.version.path} {state}")
     print({k: round(v, 4) for k, v in result.metrics.items()})

@@ -119,12 +119,12 @@ class TRLConfig:
     except the fields :mod:`monailabel_evlf.training.trl_grpo` maps from our sections, which must be set there.
     """
 
-    output_dir: str = "trl-runs"  # checkpoints (checkpoint-N/) and TensorBoard runs
+    output_dir: str = "trl-runs"  # per stage: <output_dir>/sft|grpo/checkpoint-N/ and TensorBoard runs/
     bf16: bool = False
     gradient_checkpointing: bool = False
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint-N folder, or "latest" (the newest in output_dir)
+    resume_from_checkpoint: str | None = None  # "latest" (each stage's newest) or one stage's checkpoint-N folder
     report_to: str = "auto"  # "auto": TensorBoard when it is installed, else nothing; or "none", "tensorboard", ...
     log_completions: bool = False  # sample completions into the logs (and TensorBoard)
     use_vllm: bool = False  # generate with vLLM (Qwen backends on GPU; needs the vllm package)

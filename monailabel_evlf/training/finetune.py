@@ -9,6 +9,7 @@ held-out samples (re-measured, since an older version's stored metrics may come 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -174,11 +175,13 @@ def finetune_adapter(
     callback: ProgressCallback | None = None,
     config_extra: dict[str, Any] | None = None,
     max_new_tokens: int = 96,
-) -> FinetuneResult:
+) -> FinetuneResult | None:
     """Run ``stages`` in order on ``train_samples``, starting from the promoted adapter (if any), then save + gate.
 
     ``detector`` / ``sft`` / ``grpo`` (+ ``reward_funcs``) are a shorthand for the compact stages in that order,
-    for callers with fixed configs; give either them or ``stages``.
+    for callers with fixed configs; give either them or ``stages``. Under ``accelerate launch`` with several
+    processes (TRL stages) every process trains, and process 0 alone measures, saves and gates: the others
+    return None.
     """
     from monailabel_evlf.training.evaluate import evaluate
 
@@ -198,13 +201,17 @@ def finetune_adapter(
         raise ValueError(f"each stage may run once per round, got {names}")
     if not held_out:
         raise ValueError("the validation gate needs held-out samples")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch set RANK per process
     current = registry.load_promoted()
     backend.load_adapter(current.path if current else None)
-    baseline = evaluate(backend, held_out, max_new_tokens=max_new_tokens).flat() if current is not None else None
+    measure = main_process and current is not None
+    baseline = evaluate(backend, held_out, max_new_tokens=max_new_tokens).flat() if measure else None
     history: dict[str, list[dict[str, float]]] = {}
     for stage in stages:
         logger.info("%s on %d samples", stage.name, len(train_samples))
         history[stage.name], train_samples = stage.run(backend, train_samples, callback)
+    if not main_process:
+        return None
     metrics = evaluate(backend, held_out, max_new_tokens=max_new_tokens).flat()
     version = registry.save(
         backend.save_adapter,

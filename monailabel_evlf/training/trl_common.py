@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,12 @@ def require_trl_backend(backend: VLMBackend) -> None:
         )
 
 
-def run_arguments(options: TRLConfig, backend: Any) -> dict[str, Any]:
+def stage_dir(options: TRLConfig, stage: str) -> Path:
+    """Each stage's own checkpoints and TensorBoard runs: ``<output_dir>/<stage>`` (sft, grpo)."""
+    return Path(options.output_dir) / stage
+
+
+def run_arguments(options: TRLConfig, backend: Any, stage: str) -> dict[str, Any]:
     """The ``TrainingArguments`` fields every TRL run here sets the same way (precision, checkpoints, logging)."""
     if options.use_vllm and importlib.util.find_spec("vllm") is None:
         raise ImportError(
@@ -46,9 +52,9 @@ def run_arguments(options: TRLConfig, backend: Any) -> dict[str, Any]:
     if report_to == "auto":
         report_to = "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
     return {
-        "output_dir": options.output_dir,
+        "output_dir": str(stage_dir(options, stage)),
         "bf16": options.bf16,
-        "gradient_checkpointing": options.gradient_checkpointing,
+        "gradient_checkpointing": options.gradient_checkpointing,  # TRL's GRPOConfig defaults it to True
         "save_strategy": "steps" if options.save_steps else "no",
         "save_steps": options.save_steps or 500,
         "save_total_limit": options.save_total_limit,
@@ -62,39 +68,58 @@ def run_arguments(options: TRLConfig, backend: Any) -> dict[str, Any]:
 
 
 def checked_extra(options: TRLConfig, mapped: dict[str, Any]) -> dict[str, Any]:
-    """``options.extra`` minus nothing: a key we map from our own sections must be set there, not twice."""
+    """``options.extra``, refused where it sets a field we map from the sft / grpo sections (one place each)."""
     clash = sorted(set(options.extra) & set(mapped))
     if clash:
         raise ValueError(f"trl.extra sets {clash}, which come from the sft / grpo sections: set them there")
     return dict(options.extra)
 
 
-def resume_checkpoint(options: TRLConfig) -> str | bool | None:
-    """``resume_from_checkpoint`` as ``Trainer.train`` takes it ("latest": the newest checkpoint-N in output_dir)."""
-    if options.resume_from_checkpoint is None:
+def resume_checkpoint(options: TRLConfig, stage: str) -> str | None:
+    """``resume_from_checkpoint`` for one stage, as ``Trainer.train`` takes it.
+
+    "latest": the stage's newest ``checkpoint-N`` (none yet: the stage starts afresh). A path resumes the stage
+    whose folder holds it and leaves the other stages alone; a path in no stage's folder is an error.
+    """
+    wanted = options.resume_from_checkpoint
+    if wanted is None:
         return None
-    if options.resume_from_checkpoint == "latest":
-        return True
-    path = Path(options.resume_from_checkpoint)
+    folder = stage_dir(options, stage)
+    if wanted == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    path = Path(wanted)
     if not path.is_dir():
         raise FileNotFoundError(f"trl.resume_from_checkpoint: no checkpoint folder {path}")
-    return str(path)
+    if path.resolve().parent.parent != Path(options.output_dir).resolve():
+        raise ValueError(f"trl.resume_from_checkpoint: {path} is not a checkpoint under {options.output_dir}/<stage>")
+    return str(path) if path.resolve().parent == folder.resolve() else None
 
 
-def progress_callback(callback: ProgressCallback | None, total: int, history: list[dict[str, float]]) -> Any:
-    """A ``TrainerCallback`` that records each step's logs and calls our :data:`ProgressCallback` with them."""
-    from transformers import TrainerCallback
+def report_progress(trainer: Any, callback: ProgressCallback | None, total: int, history: list[dict[str, float]]):
+    """Record each step's logs in ``history`` (with its wall ``seconds``, generation included, as the compact
+    loops log it) and pass them to our :data:`ProgressCallback`, in place of the Trainer's printing of every log
+    dict (``disable_tqdm`` turns that on)."""
+    from transformers import PrinterCallback, TrainerCallback
 
     class Progress(TrainerCallback):
+        started = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "train_runtime" in logs:  # the end-of-run summary is not a step
                 return
             log = {"step": state.global_step, **{k: float(v) for k, v in logs.items() if isinstance(v, int | float)}}
+            log["seconds"] = time.perf_counter() - self.started
             history.append(log)
             if callback is not None:
                 callback(state.global_step, total, log)
 
-    return Progress()
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(Progress())
 
 
 class _FlatImagesMixin:
@@ -134,6 +159,6 @@ def restored_backend(backend: Any) -> Iterator[None]:
         yield
     finally:
         model.__dict__.pop("forward", None)
-        if getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
+        if model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
         backend.eval()

@@ -34,7 +34,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from monailabel_evlf.training.config import GRPOConfig, ProgressCallback, TRLCon
 from monailabel_evlf.training.samples import TrainingSample
 from monailabel_evlf.training.trl_common import (
     checked_extra,
-    progress_callback,
+    report_progress,
     require_trl_backend,
     restored_backend,
     resume_checkpoint,
@@ -98,11 +98,12 @@ def trl_grpo_args(config: GRPOConfig, options: TRLConfig, backend: Any, n_sample
         "use_vllm": options.use_vllm,
         "vllm_mode": options.vllm_mode,
         "generation_kwargs": {
-            "suppress_tokens": backend.suppressed_token_ids() or None,
             "eos_token_id": backend.stop_token_ids(),
+            # EVLF's placeholders; the Qwen backends have none of their own and keep TRL's image-token suppression
+            **({"suppress_tokens": backend.suppressed_token_ids()} if backend.suppressed_token_ids() else {}),
         },
     }
-    return TRLGRPOConfig(**run_arguments(options, backend), **mapped, **checked_extra(options, mapped))
+    return TRLGRPOConfig(**run_arguments(options, backend, "grpo"), **mapped, **checked_extra(options, mapped))
 
 
 def grpo_dataset(backend: Any, samples: Sequence[TrainingSample]) -> Any:
@@ -161,7 +162,7 @@ def _trainer_class() -> type:
             config = backend.model.config
             placeholder = not hasattr(config, "image_token_id")
             if placeholder:  # TRL's suppression reads it; the backend's suppressed_token_ids() replace it
-                config.image_token_id = backend.suppressed_token_ids()[0] if backend.suppressed_token_ids() else 0
+                config.image_token_id = (backend.suppressed_token_ids() or [backend.tokenizer.pad_token_id])[0]
             try:
                 super().__init__(*args, **kwargs)
             finally:
@@ -193,6 +194,7 @@ def _trainer_class() -> type:
                 return {}
             batch = [self.samples[x["sample_index"]] for x in inputs]
             processed = self.backend.model_inputs([s.image for s in batch], [s.prompt for s in batch])
+            self.row_keys &= set(processed)  # names the processor declares but does not produce for images
             return {k: v for k, v in processed.items() if k in self.row_keys}
 
         def _generate_and_score_completions(self, inputs):
@@ -205,24 +207,52 @@ def _trainer_class() -> type:
                 return super()._compute_loss(model, inputs)
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
-            rows = {k: kw.pop(k) for k in list(kw) if k in self.row_keys}
-            if rows:  # scoring a generation batch: its rows come with the processor's other outputs
-                with self._with_rows(rows):
-                    # one chunk: the carried rows line up with the whole batch
+            rows = {k: kw.pop(k) for k in list(kw) if k in self.row_keys}  # scoring: they come with the others
+            with self._with_rows(rows) if rows else nullcontext():
+                if self._rows:  # one chunk: the carried rows line up with the whole batch
                     kw["batch_size"] = input_ids.size(0)
-                    return super()._get_per_token_logps_and_entropies(
-                        model, input_ids, attention_mask, logits_to_keep, *a, **kw
-                    )
-            if self._rows:
-                kw["batch_size"] = input_ids.size(0)
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *a, **kw
-            )
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, *a, **kw
+                )
 
         def remove_hook(self) -> None:
             self._hook.remove()
 
     return BackendGRPOTrainer
+
+
+def completions_to_tensorboard(trainer: Any, rows: int = 8) -> None:
+    """With ``log_completions``, write each step's first ``rows`` (prompt, completion, reward) to TensorBoard as a
+    text table: TRL 1.16 sends its completion tables only to wandb / trackio (and prints them)."""
+    from transformers import TrainerCallback
+    from transformers.integrations import TensorBoardCallback
+
+    board = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+    if board is None or not trainer.args.log_completions:
+        return
+
+    def text(message: Any) -> str:
+        """A prompt or completion, plain or conversational, as one line of table text."""
+        if not isinstance(message, str):
+            content = message[-1]["content"] if message else ""
+            parts = content if isinstance(content, list) else [{"text": content}]
+            message = " ".join(p.get("text") or "" for p in parts if isinstance(p, dict))
+        return message.replace("|", "\\|").replace("\n", " ")
+
+    class Completions(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged = trainer._logs
+            if board.tb_writer is None or not logged["completion"]:
+                return
+            weights = dict(zip(trainer.reward_func_names, trainer.reward_weights.tolist(), strict=True))
+            columns = [[weights[name] * v for v in values] for name, values in logged["rewards"].items()]
+            totals = [sum(v for v in row if v == v) for row in zip(*columns, strict=True)]  # NaN (other task): 0
+            lines = ["| prompt | completion | reward |", "|---|---|---:|"]
+            shown = zip(logged["prompt"], logged["completion"], totals, strict=False)  # deques of one length
+            lines += [f"| {text(p)} | {text(c)} | {r:.3f} |" for p, c, r in list(shown)[:rows]]
+            board.tb_writer.add_text("completions", "\n".join(lines), state.global_step)
+
+    trainer.add_callback(Completions())
 
 
 def build_grpo_trainer(
@@ -263,9 +293,10 @@ def train_grpo_trl(
     history: list[dict[str, float]] = []
     with restored_backend(backend):
         trainer = build_grpo_trainer(backend, samples, reward_funcs, config, options)
-        trainer.add_callback(progress_callback(callback, config.steps, history))
+        report_progress(trainer, callback, config.steps, history)
+        completions_to_tensorboard(trainer)
         try:
-            trainer.train(resume_from_checkpoint=resume_checkpoint(options))
+            trainer.train(resume_from_checkpoint=resume_checkpoint(options, "grpo"))
         finally:
             trainer.remove_hook()
     return history

@@ -23,7 +23,7 @@ from monailabel_evlf.training.config import ProgressCallback, SFTConfig, TRLConf
 from monailabel_evlf.training.samples import TrainingSample
 from monailabel_evlf.training.trl_common import (
     checked_extra,
-    progress_callback,
+    report_progress,
     require_trl_backend,
     restored_backend,
     resume_checkpoint,
@@ -53,7 +53,7 @@ def trl_sft_args(config: SFTConfig, options: TRLConfig, backend: Any) -> Any:
         "completion_only_loss": True,
         "remove_unused_columns": False,
     }
-    return TRLSFTConfig(**run_arguments(options, backend), **mapped, **checked_extra(options, mapped))
+    return TRLSFTConfig(**run_arguments(options, backend, "sft"), **mapped, **checked_extra(options, mapped))
 
 
 def sft_dataset(backend: Any, samples: Sequence[TrainingSample]) -> Any:
@@ -101,6 +101,6 @@ def train_sft_trl(
     total = math.ceil(len(samples) / config.batch_size) * config.epochs
     with restored_backend(backend):
         trainer = build_sft_trainer(backend, samples, config, options)
-        trainer.add_callback(progress_callback(callback, total, history))
-        trainer.train(resume_from_checkpoint=resume_checkpoint(options))
+        report_progress(trainer, callback, total, history)
+        trainer.train(resume_from_checkpoint=resume_checkpoint(options, "sft"))
     return history

@@ -1,11 +1,14 @@
 """TRL's GRPOTrainer on the tiny EVLF backend: its loss equals ours term for term, a short run learns, and the
 adapter it trains goes through the registry and serves."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 
 from monailabel_evlf.data.phantoms import make_phantom
+from monailabel_evlf.model import load_backend
 from monailabel_evlf.model.backend import SamplingConfig
 from monailabel_evlf.model.backends.evlf import EVLFBackend
 from monailabel_evlf.model.tiny import build_tiny_evlf
@@ -38,9 +41,12 @@ def options(tmp_path):
     return TRLConfig(output_dir=str(tmp_path / "trl"), report_to="none")
 
 
-def perturbed_backend(tiny_path):
-    """The tiny model with a LoRA that is not zero, so the policy differs from the reference (KL > 0)."""
-    backend = EVLFBackend.from_pretrained(str(tiny_path))
+def perturbed_backend(model, tiny_path):
+    """A tiny backend with a LoRA that is not zero, so the policy differs from the reference (KL > 0)."""
+    if model == "evlf":
+        backend = EVLFBackend.from_pretrained(str(tiny_path))
+    else:
+        backend = load_backend(model.removeprefix("tiny-"), model)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in backend.peft_model.named_parameters():
@@ -49,9 +55,16 @@ def perturbed_backend(tiny_path):
     return backend
 
 
+def backend_samples(backend):
+    options = SampleOptions(box_codec=backend.box_codec, size=(48, 48), tasks=("grounding",))
+    phantom = make_phantom(1, shape=(40, 40, 12), n_lesions=2, study_id="p1")
+    return phantom_samples(phantom.image, phantom.affine, phantom.ground_truth, options, normal_slices=1)
+
+
 def fixed_batch(backend, samples, completions, advantages):
     """The batch dict ``GRPOTrainer._compute_loss`` reads, built from the backend's own tokenisation:
-    ``[left-padded prompt | completion + end-of-turn, right-padded]`` as ``completion_logprobs`` lays it out."""
+    ``[left-padded prompt | completion + end-of-turn, right-padded]`` as ``completion_logprobs`` lays it out; the
+    processor's image outputs as they are, per-token ones (``mm_token_type_ids``) extended with zeros."""
     inputs = backend.model_inputs([s.image for s in samples], [s.prompt for s in samples])
     end = backend.end_of_turn_id()
     encoded = [backend.tokenizer(c, add_special_tokens=False)["input_ids"] + [end] for c in completions]
@@ -61,22 +74,29 @@ def fixed_batch(backend, samples, completions, advantages):
     for row, ids in enumerate(encoded):
         completion_ids[row, : len(ids)] = torch.tensor(ids)
         completion_mask[row, : len(ids)] = 1
+    images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    for key, value in images.items():
+        if isinstance(value, torch.Tensor) and value.shape == inputs["input_ids"].shape:
+            images[key] = torch.cat([value, torch.zeros_like(completion_ids)], dim=1)
     return {
         "prompt_ids": inputs["input_ids"],
         "prompt_mask": inputs["attention_mask"],
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
-        "pixel_values": inputs["pixel_values"],
-        "dense_pixel_values": inputs["dense_pixel_values"],
+        **images,
         "num_images": [1] * len(samples),
         "advantages": advantages,
         "num_items_in_batch": completion_mask.sum(),
     }
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
-def test_trl_loss_equals_ours_term_for_term(tiny_path, samples, tmp_path, loss_type):
-    backend = perturbed_backend(tiny_path)
+@pytest.mark.parametrize(
+    ("model", "loss_type"),
+    [("evlf", "grpo"), ("evlf", "bnpo"), ("tiny-qwen2_5_vl", "grpo"), ("tiny-qwen3_vl", "bnpo")],
+)
+def test_trl_loss_equals_ours_term_for_term(tiny_path, tmp_path, model, loss_type):
+    backend = perturbed_backend(model, tiny_path)
+    samples = backend_samples(backend)
     config = GRPOConfig(steps=1, batch_size=2, group_size=2, beta=0.3, epsilon=0.2, loss_type=loss_type)
     trainer = build_grpo_trainer(backend, samples, grounding_rewards(), config, options(tmp_path))
     try:
@@ -101,7 +121,8 @@ def test_trl_loss_equals_ours_term_for_term(tiny_path, samples, tmp_path, loss_t
         # TRL's own log-probs (fused LM head, its reference context) match the backend's
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-        row_inputs = {k: inputs[k] for k in ("pixel_values", "num_images", "dense_pixel_values")}
+        keep = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch")
+        row_inputs = {k: v for k, v in inputs.items() if k not in keep}
         with torch.no_grad():
             trl_logps, _, _ = trainer._get_per_token_logps_and_entropies(
                 trainer.model, ids, attention, inputs["completion_ids"].size(1), **row_inputs
@@ -206,3 +227,81 @@ def test_trl_adapter_goes_through_the_registry_and_serves(tiny_path, samples, tm
     answer = served.generate([samples[0].image], prompt, sampling=SamplingConfig(max_new_tokens=16))
     assert answer == backend.generate([samples[0].image], prompt, sampling=SamplingConfig(max_new_tokens=16))
     assert isinstance(answer[0][0], str)
+
+
+def test_trl_checkpoints_resume_and_tensorboard(tiny_path, samples, tmp_path):
+    """save_steps writes checkpoint-N folders; "latest" resumes from the newest (its steps are not re-run); the
+    rewards reach TensorBoard when it is installed."""
+    config = GRPOConfig(steps=2, batch_size=2, group_size=2, learning_rate=0.05, max_new_tokens=8)
+    run = TRLConfig(output_dir=str(tmp_path / "trl"), save_steps=1, save_total_limit=None)
+    first = EVLFBackend.from_pretrained(str(tiny_path))
+    train_grpo_trl(first, samples[:4], grounding_rewards(), config, run)
+    checkpoints = sorted(p.name for p in (tmp_path / "trl" / "grpo").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-1", "checkpoint-2"]
+    assert (tmp_path / "trl" / "grpo" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    second = EVLFBackend.from_pretrained(str(tiny_path))
+    longer = GRPOConfig(**{**config.__dict__, "steps": 3})
+    resumed = TRLConfig(**{**run.__dict__, "resume_from_checkpoint": "latest", "log_completions": True})
+    history = train_grpo_trl(second, samples[:4], grounding_rewards(), longer, resumed)
+    assert [h["step"] for h in history] == [3]
+    if importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        tags = set()
+        for events in (tmp_path / "trl" / "grpo").rglob("events.out.tfevents.*"):
+            accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0, "scalars": 0})
+            accumulator.Reload()
+            tags |= set(accumulator.Tags()["scalars"]) | set(accumulator.Tags()["tensors"])
+        assert {"train/reward", "train/rewards/grounding_reward/mean", "completions/text_summary"} <= tags, tags
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        train_grpo_trl(
+            second, samples[:4], grounding_rewards(), config, TRLConfig(resume_from_checkpoint=str(tmp_path / "nope"))
+        )
+
+
+def test_vllm_without_the_package_is_a_clear_error(tiny_path, samples, tmp_path):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    backend = EVLFBackend.from_pretrained(str(tiny_path))
+    config = GRPOConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=8)
+    with pytest.raises(ImportError, match="pip install vllm"):
+        train_grpo_trl(
+            backend, samples[:4], grounding_rewards(), config, TRLConfig(use_vllm=True, output_dir=str(tmp_path))
+        )
+
+
+def test_evlf_train_with_the_trl_trainer(tmp_path):
+    """`evlf train --trainer trl` end to end on the tiny preset: SFT then GRPO with TRL, one folder of
+    checkpoints per stage, a gated adapter version whose meta says which trainer made it."""
+    import json
+
+    from monailabel_evlf.cli import main
+
+    for name, seed in (("train", 1), ("held", 2)):
+        assert (
+            main(
+                ["make-sample-data", str(tmp_path / name), "--n", "1", "--shape", "40", "40", "12", "--seed", str(seed)]
+            )
+            == 0
+        )
+    config = tmp_path / "small.yaml"
+    config.write_text(
+        "sft: {epochs: 1, batch_size: 4}\n"
+        "grpo: {steps: 1, batch_size: 2, group_size: 2, max_new_tokens: 8}\n"
+        f"trl: {{output_dir: {tmp_path / 'runs'}, save_steps: 1, report_to: none}}\n"
+    )
+    args = ["train", "--trainer", "trl", "--model", "tiny", "--data", str(tmp_path / "train")]
+    args += ["--held-out", str(tmp_path / "held"), "--config", str(config), "--stages", "sft", "grpo"]
+    args += ["--registry", str(tmp_path / "adapters"), "--tasks", "grounding", "--size", "48", "48"]
+    assert main(args) == 0
+    for stage in ("sft", "grpo"):
+        assert list((tmp_path / "runs" / stage).glob("checkpoint-*/adapter_model.safetensors")), stage
+    meta = json.loads((tmp_path / "adapters" / "tiny" / "v0001" / "meta.json").read_text())
+    assert meta["config"]["sft"]["trainer"] == "trl" and meta["config"]["grpo"]["trainer"] == "trl"
+
+
+def test_trl_extra_cannot_override_a_mapped_setting(tiny_path, samples, tmp_path):
+    backend = EVLFBackend.from_pretrained(str(tiny_path))
+    run = TRLConfig(output_dir=str(tmp_path), extra={"num_generations": 4})
+    with pytest.raises(ValueError, match="come from the sft / grpo sections"):
+        build_grpo_trainer(backend, samples, grounding_rewards(), GRPOConfig(group_size=2), run)
