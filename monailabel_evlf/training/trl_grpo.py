@@ -264,6 +264,10 @@ def build_grpo_trainer(
 ) -> Any:
     """The configured trainer, not yet run (the tests call its loss directly)."""
     require_trl_backend(backend)
+    if options.use_vllm and backend.model.config.model_type == "evlf":
+        raise ValueError(
+            "trl.use_vllm: vLLM has no EVLF model (it serves the Qwen backends); generate with transformers"
+        )
     if not samples:
         raise ValueError("GRPO needs at least one training sample")
     if not reward_funcs:

@@ -6,8 +6,9 @@ The rows are prompt-completion pairs in TRL's standard (not conversational) form
 chat text (``backend.chat_text``, with its image placeholder) and the completion is the target answer plus the
 end-of-turn token, so TRL scores exactly the tokens :meth:`~HFVLMBackend.completion_logprobs` scores and its
 ``completion_only_loss`` (the mean NLL over the batch's completion tokens) is our SFT loss;
-``tests/training/test_trl_sft.py`` checks it on a fixed batch. The collator right-aligns nothing: it flushes each
-row left, so EVLF's positions count from the first real token without the position hook GRPO needs.
+``tests/training/test_trl_sft.py`` checks it on a fixed batch. TRL's collator flushes each row left (padding only
+on the right), so EVLF's positions count from the first real token without the position hook GRPO needs, and
+EVLF's ``dense_pixel_values`` reaches the model with the rest of the processor's output.
 """
 
 from __future__ import annotations

@@ -259,15 +259,18 @@ def test_trl_checkpoints_resume_and_tensorboard(tiny_path, samples, tmp_path):
         )
 
 
-def test_vllm_without_the_package_is_a_clear_error(tiny_path, samples, tmp_path):
+def test_vllm_generation_is_refused_clearly_where_it_cannot_run(tiny_path, samples, tmp_path):
+    """EVLF is no vLLM model; a Qwen backend without the vllm package gets an ImportError that says what to do."""
+    config = GRPOConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=8)
+    run = TRLConfig(use_vllm=True, output_dir=str(tmp_path))
+    evlf = EVLFBackend.from_pretrained(str(tiny_path))
+    with pytest.raises(ValueError, match="vLLM has no EVLF model"):
+        train_grpo_trl(evlf, samples[:4], grounding_rewards(), config, run)
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    backend = EVLFBackend.from_pretrained(str(tiny_path))
-    config = GRPOConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=8)
+    qwen = load_backend("qwen2_5_vl", "tiny-qwen2_5_vl")
     with pytest.raises(ImportError, match="pip install vllm"):
-        train_grpo_trl(
-            backend, samples[:4], grounding_rewards(), config, TRLConfig(use_vllm=True, output_dir=str(tmp_path))
-        )
+        train_grpo_trl(qwen, backend_samples(qwen)[:4], grounding_rewards(), config, run)
 
 
 def test_evlf_train_with_the_trl_trainer(tmp_path):
