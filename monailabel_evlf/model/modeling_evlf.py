@@ -217,7 +217,7 @@ class EVLFModel(EVLFPreTrainedModel):
         site_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The detection connector's training loss terms on a batch of images and their true boxes."""
-        maps = self.pixel_connector(self.pixel_grid(dense_pixel_values), maps_only=True)
+        maps = self.pixel_connector(self.pixel_grid(dense_pixel_values), maps_only=True).float()
         config = self.config
         return detection_loss(maps, targets, len(config.finding_labels), len(config.finding_sites or ()), site_mask)
 

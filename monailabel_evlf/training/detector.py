@@ -127,6 +127,16 @@ def train_detector(
         backend.eval()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively; emulated bf16 (older CPUs) is slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # torch's own CPU capability checks (private, hence guarded)
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 def _fit(backend, slices, targets, params, config: DetectorConfig, callback) -> list[dict[str, float]]:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -135,6 +145,10 @@ def _fit(backend, slices, targets, params, config: DetectorConfig, callback) -> 
         optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.15
     )
     history = []
+    device = backend.model.device
+    bf16 = config.bf16 and native_bf16(device)
+    if config.bf16 and not bf16:
+        logger.info("detector stage: no native bfloat16 on %s, training in float32", device)
     backend.train()
     order: list[int] = []
     for step in range(1, config.steps + 1):
@@ -144,7 +158,8 @@ def _fit(backend, slices, targets, params, config: DetectorConfig, callback) -> 
         batch, order = order[: config.batch_size], order[config.batch_size :]
         augmented = [_augment(slices[i].image, targets[i], rng, config) for i in batch]
         site_mask = torch.tensor([not mirrored for _, _, mirrored in augmented])
-        losses = backend.detection_loss([a[0] for a in augmented], [a[1] for a in augmented], site_mask)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            losses = backend.detection_loss([a[0] for a in augmented], [a[1] for a in augmented], site_mask)
         loss = losses["centre"] + losses["box"] + 0.5 * (losses["label"] + losses["site"]) + 0.5 * losses["quality"]
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(f"detector loss became {float(loss)} at step {step}; lower the learning rate")

@@ -6,13 +6,20 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from monailabel_evlf.imaging.geometry import Box2D, box_iou_2d
 from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 from monailabel_evlf.tasks.parsing import parse_answer
 from monailabel_evlf.tasks.prompts import grounding_prompt, grounding_target
 from monailabel_evlf.training.config import DetectorConfig
-from monailabel_evlf.training.detector import copy_proposal_targets, train_detector, unique_slices
+from monailabel_evlf.training.detector import (
+    copy_proposal_targets,
+    detection_target,
+    native_bf16,
+    train_detector,
+    unique_slices,
+)
 from monailabel_evlf.training.samples import TrainingSample
 
 NATIVE = BoxCodec(BoxConvention.NORMALIZED_100)
@@ -74,6 +81,24 @@ def test_detector_stage_learns_to_propose_the_square(backend):
     assert after > 0.5 and after > before + 0.3
     lm_after = [p for n, p in backend.peft_model.named_parameters() if "language_model" in n]
     assert all(np.array_equal(a.numpy(), b.detach().numpy()) for a, b in zip(lm_weights, lm_after, strict=True))
+
+
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="this CPU has no native bfloat16")
+def test_bf16_detector_loss_matches_float32_and_still_learns(backend):
+    samples = _square_samples(8, seed=3)
+    targets = [detection_target(s, ["cyst"], ["liver"]) for s in samples]
+    images = [s.image for s in samples]
+    full = backend.detection_loss(images, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = backend.detection_loss(images, targets)
+    for name, value in full.items():  # bf16 keeps about 3 significant digits through a small conv net
+        assert half[name].dtype == torch.float32
+        assert float(half[name]) == pytest.approx(float(value), rel=0.05, abs=1e-3), name
+    held_out = _square_samples(8, seed=1)
+    train_detector(
+        backend, _square_samples(24, seed=0), DetectorConfig(steps=80, batch_size=8, learning_rate=5e-3, bf16=True)
+    )
+    assert _top_iou(backend, held_out) > 0.5
 
 
 def test_copy_targets_write_the_matching_proposal(backend):
