@@ -1,4 +1,7 @@
-"""The optimiser set-up the compact loops share (SFT, GRPO, the detector stage): one place, one seeding rule."""
+"""The optimiser set-up the compact SFT and GRPO loops share (moved out of sft.py): one place, one seeding rule.
+
+The detector stage (training/detector.py) keeps its own AdamW + one-cycle schedule.
+"""
 
 from __future__ import annotations
 
