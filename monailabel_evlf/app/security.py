@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import nibabel as nib
 import pydicom
 from fastapi import HTTPException
+from pydicom.dataelem import RawDataElement
 from requests_toolbelt.multipart.decoder import (
     ImproperBodyPartContentException,
     MultipartDecoder,
@@ -353,8 +354,6 @@ def _media_type(value: bytes | None) -> str:
 def _truncated(dataset: pydicom.Dataset) -> bool:
     """Whether an element still raw from reading holds fewer bytes than its length says: pydicom reads a file cut
     inside its last value without an error, so a truncated upload would otherwise pass."""
-    from pydicom.dataelem import RawDataElement
-
     raws = [dataset.get_item(tag) for tag in dataset.keys()]  # noqa: SIM118 (iterating the dataset converts)
     return any(
         isinstance(raw, RawDataElement)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import jwt
 import requests
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import OAuth2PasswordRequestForm
 from monailabel.config import settings
 from monailabel.endpoints import activelearning as ml_activelearning
@@ -40,6 +40,7 @@ from monailabel.endpoints import proxy as ml_proxy
 from monailabel.endpoints import scoring as ml_scoring
 from monailabel.endpoints import train as ml_train
 from monailabel.endpoints.user.auth import RBAC, User
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -71,8 +72,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# endpoints the EVLF app does not serve (no WSI, no batch jobs) or that reset the server from outside
-BLOCKED_PREFIXES = ("/batch/", "/infer/wsi", "/wsi_infer", "/reload")
+# endpoints the EVLF app does not serve (no WSI, no batch jobs, no model file: adapters come from training) or that
+# reset the server from outside; MONAI Label's PUT /model/ answered 500 and left its upload in the temp folder
+BLOCKED_PREFIXES = ("/batch/", "/infer/wsi", "/wsi_infer", "/reload", "/model/")
 LOG_PREFIX = "/logs"
 OPEN_PATHS = {("GET", "/auth/"), ("POST", "/auth/token"), ("GET", "/favicon.ico")}
 TOKEN_HOURS = 12
@@ -363,6 +365,32 @@ def _proxy_path(path: str) -> tuple[str, str]:
     return "", path
 
 
+def _public_lines(lines: Any) -> list[str]:
+    """A training / scoring child's last output lines as a client may see them: traceback frames dropped (the
+    server log keeps them), server paths scrubbed; the exception's own line stays, it says what went wrong."""
+    shown: list[str] = []
+    in_traceback = False
+    for line in map(str, lines or ()):
+        if line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+            shown.append("Traceback omitted (the server log has it)")
+            continue
+        if in_traceback and line.startswith((" ", "\t")):
+            continue
+        in_traceback = False
+        shown.append(scrub(line))
+    return shown
+
+
+def _public_status(status: Any) -> Any:
+    """MONAI Label's train / scoring status (one task or a list) with :func:`_public_lines` details."""
+    if isinstance(status, list):
+        return [_public_status(task) for task in status]
+    if isinstance(status, dict) and "details" in status:
+        return {**status, "details": _public_lines(status["details"])}
+    return status
+
+
 def _move_to_front(app: FastAPI, router: APIRouter) -> None:
     before = len(app.router.routes)
     app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
@@ -508,6 +536,15 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
             raise refuse(422, f"params are keyed by trainer name; unknown: {', '.join(map(repr, unknown))}")
         return {m: ml_train.run_model(m, params.get(m, {}), False, True) for m in instance._trainers}
 
+    @router.get("/train/")
+    def train_status(all: bool = False, check_if_running: bool = False, user: User = Depends(user_role)):
+        """MONAI Label's status; its ``details`` are the child's output lines, tracebacks and paths included."""
+        return _public_status(ml_train.status(all, check_if_running))
+
+    @router.get("/scoring/")
+    def scoring_status(all: bool = False, check_if_running: bool = False, user: User = Depends(user_role)):
+        return _public_status(ml_scoring.status(all, check_if_running))
+
     def check_scoring(method: str, params: dict | None) -> dict[str, Any]:
         if method not in instance._scoring_methods:
             names = ", ".join(sorted(instance._scoring_methods))
@@ -612,6 +649,23 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
     @router.put("/session/")
     def session(user: User = Depends(user_role)):
         raise refuse(422, "sessions are not offered by this server: upload the volume with POST /infer/<model>")
+
+    @router.get("/session/{session_id}")
+    @router.delete("/session/{session_id}")
+    def session_by_id(session_id: str, user: User = Depends(user_role)):
+        raise refuse(404, "sessions are not offered by this server: upload the volume with POST /infer/<model>")
+
+    @router.get("/datastore/dataset")
+    def dataset(limit_cases: int | None = None, user: User = Depends(annotator_role)):
+        """MONAI Label's ZIP of the labelled studies, removed once sent (MONAI Label left each one in the temp
+        folder, and answered 500 when no study had a label)."""
+        if limit_cases is not None and limit_cases < 1:
+            raise refuse(422, "'limit_cases' must be a positive integer")
+        datastore = instance.datastore()
+        if isinstance(datastore, EVLFDICOMwebDatastore) or not datastore.datalist():
+            raise refuse(404, "no labelled study to archive (DICOMweb studies: use the PACS)")
+        path = datastore.get_dataset_archive(limit_cases)
+        return FileResponse(path, filename="dataset.zip", background=BackgroundTask(os.remove, path))
 
     return router
 

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
+from types import SimpleNamespace
 
 import jwt
 import nibabel as nib
@@ -48,7 +49,9 @@ from monailabel_evlf.app.server import (
     _deadline_checked,
     _proxy_path,
 )
+from monailabel_evlf.app.train import EVLFTrainTask
 from monailabel_evlf.data.phantoms import write_sample_dataset
+from monailabel_evlf.training import finetune
 
 LIMITS = Limits(max_voxels=100_000)
 
@@ -411,3 +414,27 @@ def test_requests_within_the_deadline_get_their_result_and_generate_outside_one_
             _deadline_checked(lambda: None)()
     finally:
         _DEADLINE.reset(token)
+
+
+# -- the train task's request: one boolean parser, the configured max_new_tokens for the held-out gate --------------
+
+
+@pytest.mark.parametrize(("gate", "tolerance"), [("off", float("inf")), ("true", 0.0), (False, float("inf"))])
+def test_train_task_gates_with_the_configured_max_new_tokens_and_reads_gate_words(monkeypatch, gate, tolerance):
+    calls = []
+
+    def fake_finetune(backend, train, held, registry, stages, **kwargs):
+        calls.append(kwargs)
+        version = SimpleNamespace(name="v0001", meta={"parent": None})
+        return SimpleNamespace(version=version, promoted=True, metrics={}, baseline_metrics={})
+
+    monkeypatch.setattr(finetune, "finetune_adapter", fake_finetune)
+    config = parse_app_config({"max_new_tokens": "40"})
+    served = SimpleNamespace(backend=SimpleNamespace(cannot_train=None, has_proposals=False), registry=None)
+    task = EVLFTrainTask(served, config)
+    monkeypatch.setattr(task, "collect_samples", lambda datastore, tag: [SimpleNamespace(task="grounding")] * 8)
+    task({"model": "evlf_train", "gate": gate, "steps": 1}, datastore=None)
+    assert calls[0]["max_new_tokens"] == 40 and calls[0]["tolerance"] == tolerance
+    with pytest.raises(HTTPException) as caught:
+        task({"model": "evlf_train", "gate": "maybe"}, datastore=None)
+    assert caught.value.status_code == 422 and "'gate' must be a boolean" in caught.value.detail

@@ -39,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_DIR = REPO_ROOT / "apps" / "evlf"
 STUDY = "phantom_s7_000"
 SECRET = "correct-horse-battery-staple-42"
+CODE_RAN = "code-ran.txt"
 
 
 @dataclass
@@ -73,6 +74,8 @@ def layout(tmp_path_factory) -> tuple[Path, Path]:
     outside = root / "outside"
     outside.mkdir()
     (outside / "precious.txt").write_text("keep me")
+    # the issue's RCE payload, already in place: any Python started with this folder on its path writes CODE_RAN
+    (outside / "sitecustomize.py").write_text(f"open({str(outside / CODE_RAN)!r}, 'w').write('ran')\n")
     return studies, outside
 
 
@@ -265,6 +268,12 @@ CASES: list[Case] = [
     ),
     ("client bundle_path", lambda s: train(s, {"bundle_path": str(s.outside)}), 422, "bundle_path"),
     (
+        "client bundle_path, train all",
+        lambda s: requests.post(f"{s.url}/train/", json={"evlf_train": {"bundle_path": str(s.outside)}}),
+        422,
+        "bundle_path",
+    ),
+    (
         "delete traversal",
         lambda s: requests.delete(f"{s.url}/datastore/image", params={"id": "../outside"}),
         422,
@@ -330,6 +339,17 @@ CASES: list[Case] = [
         "invalid label tag",
     ),
     ("logs endpoint", lambda s: requests.get(f"{s.url}/logs/"), 404, "not found"),
+    # MONAI Label's model-file upload (500, temp file left) and dataset ZIP (500 with no labels, ZIP left in tmp)
+    (
+        "model file upload",
+        lambda s: requests.put(f"{s.url}/model/evlf_grounding", files={"file": ("m.pt", b"x")}),
+        404,
+        "not found",
+    ),
+    ("model file delete", lambda s: requests.delete(f"{s.url}/model/evlf_grounding"), 404, "not found"),
+    ("dataset zip, nothing labelled", lambda s: requests.get(f"{s.url}/datastore/dataset"), 404, "no labelled study"),
+    ("dataset zip, limit 0", lambda s: requests.get(f"{s.url}/datastore/dataset?limit_cases=0"), 422, "limit_cases"),
+    ("session by dot-dot id", lambda s: requests.delete(f"{s.url}/session/%2e%2e"), 404, "sessions"),
     # MONAI Label's DICOMweb proxy on a local studies folder (it used to answer 500)
     ("proxy read, no DICOMweb", lambda s: requests.get(f"{s.url}/proxy/dicom/qido/studies"), 404, "no DICOMweb"),
     (
@@ -536,6 +556,49 @@ def test_good_requests_still_work_and_name_no_server_paths(server):
     assert upload.status_code == 200 and upload.json()["boxes"] == body["boxes"]
     info = requests.get(f"{server.url}/info/", timeout=10)
     assert str(REPO_ROOT) not in info.text and str(server.studies) not in info.text
+
+
+def test_train_status_shows_no_traceback_or_server_path(server):
+    """A train request that fails in MONAI Label's child (no labelled study yet): GET /train/ relays the child's
+    last output lines, which end in its traceback; the client sees the error line, without frames or paths."""
+    assert train(server, {}).status_code == 200
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = requests.get(f"{server.url}/train/", timeout=10).json()
+        if status["status"] not in ("SUBMITTED", "RUNNING"):
+            break
+        time.sleep(1)
+    assert status["status"] == "ERROR", status
+    shown = requests.get(f"{server.url}/train/", params={"all": True}, timeout=10).text
+    assert "need 2+" in shown, shown[-2000:]
+    assert 'File "' not in shown and str(REPO_ROOT) not in shown and sys.prefix not in shown, shown[-2000:]
+    log = (server.tmp.parent / f"{server.tmp.name}.log").read_text()
+    assert "Traceback (most recent call last)" in log  # the server log keeps it
+    assert requests.get(f"{server.url}/scoring/", timeout=10).status_code in (200, 404)
+
+
+def test_bounded_load_gets_answers_or_429_and_info_stays_up(server):
+    """16 grounding requests at once against a queue of 4: every one is answered 200 or 429 (never 5xx, never a
+    hang), and /info/ keeps answering meanwhile."""
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(infer(server).status_code)) for _ in range(16)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    latencies = []
+    while any(thread.is_alive() for thread in threads):
+        began = time.perf_counter()
+        assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+        latencies.append(time.perf_counter() - began)
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    took = time.perf_counter() - started
+    counts = {code: results.count(code) for code in sorted(set(results))}
+    print(
+        f"load: 16 concurrent grounding requests in {took:.1f} s -> {counts}; /info/ max {max(latencies) * 1000:.0f} ms"
+    )
+    assert len(results) == 16 and set(results) <= {200, 429} and 200 in results, counts
 
 
 def test_valid_uploads_are_stored_atomically_and_not_overwritten(server):
@@ -778,6 +841,9 @@ def sweep_requests(url: str) -> list[tuple[str, Callable[[], requests.Response]]
     for name in ("nope", "a" * 300, "..%2f..%2fx"):
         for path in ("infer", "train", "scoring", "activelearning"):
             calls.append((f"{path}/{name[:20]}", lambda p=path, n=name: requests.post(f"{url}/{p}/{n}")))
+    for path in ("model/evlf_grounding", "model/info/evlf_grounding", "session/x", "session/%2e%2e"):
+        for method in ("get", "put", "delete"):
+            calls.append((f"{method} {path}", lambda m=method, p=path: requests.request(m, f"{url}/{p}", data=b"x")))
     stow_type = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
     for operation in ("qido", "wado", "stow", ""):
         for rest in ("studies", "studies/1.2.3", "%2e%2e/%2e%2e/system", "a" * 300):
@@ -803,3 +869,11 @@ def test_sweep_of_bad_requests_gets_no_5xx_and_writes_nothing(server):
     assert snapshot(server.studies, server.outside) == before
     time.sleep(0.1)
     assert sorted(server.tmp.iterdir()) == temp_before
+
+
+def test_no_client_request_ran_code(server):
+    """Last in the module: the sitecustomize.py beside the studies (the issue's RCE payload) never ran, after every
+    request above that named its folder as bundle_path, image or label tag."""
+    ran = (server.outside / CODE_RAN).exists()
+    print(f"code executed: {int(ran)}")
+    assert not ran
