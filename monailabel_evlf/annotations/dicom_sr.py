@@ -18,7 +18,8 @@ dcmjs ``src/utilities/TID300/Polyline.js``): a Measurement Group with Tracking I
 a Finding Site (SCT 363698007) code of scheme / value ``CORNERSTONEFREETEXT``, older versions as a Finding),
 NUM Perimeter and NUM Area each INFERRED FROM the same SCOORD POLYLINE of 5 points (corners 0, 1, 3, 2, 0)
 SELECTED FROM the IMAGE, and the label as a DCM "Comment" TEXT (``LabelData.ts``).
-Ellipses and circles are read as their bounding boxes.
+Ellipses, circles and freehand polygons are read as their bounding boxes; regions that outline no area (OHIF's
+Length and Bidirectional lines, arrows, probes) are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -310,7 +311,16 @@ def read_sr_boxes(sr_dataset: Dataset, series: Sequence[Dataset] | Sequence[str]
         for item in _walk(group):
             if item.ValueType == "SCOORD3D":
                 logger.warning("skipping a SCOORD3D region: only regions drawn on an image are read")
-            if item.ValueType != "SCOORD" or (bounds := _region_bounds(item)) is None:
+            if item.ValueType != "SCOORD":
+                continue
+            if (bounds := _region_bounds(item)) is None:
+                # OHIF's Length, Bidirectional axes (2-point polylines), ArrowAnnotate and Probe (points)
+                logger.warning(
+                    "skipping a %s region of %d numbers (%r): it outlines no area, so it is no box",
+                    item.GraphicType,
+                    len(item.get("GraphicData", [])),
+                    label,
+                )
                 continue
             images = [i for i in _items(item) if i.ValueType == "IMAGE"]
             if not images:

@@ -308,6 +308,23 @@ def test_reads_legacy_ohif_free_text_label_and_ellipses(ct_series, tmp_path) -> 
     assert (oval.box.x1, oval.box.y1, oval.box.x2, oval.box.y2) == (10.0, 12.0, 20.0, 18.0)
 
 
+def test_circles_and_freehand_are_boxes_lines_and_points_are_skipped(ct_series, tmp_path, caplog) -> None:
+    """OHIF's other 2D tools: CircleROI (CIRCLE: centre, a point on the circle) and PlanarFreehandROI (closed
+    POLYLINE) outline areas; Length (2-point POLYLINE) and ArrowAnnotate / Probe (POINT) do not."""
+    freehand = [10.0, 10.0, 14.0, 8.0, 18.0, 12.0, 15.0, 17.0, 11.0, 15.0, 10.0, 10.0]
+    groups = [(0, "CIRCLE", [20.0, 15.0, 23.0, 19.0], "cyst"), (2, "POLYLINE", freehand, "mass"),
+              (3, "POLYLINE", [5.0, 5.0, 9.0, 9.0], "length"), (4, "POINT", [7.0, 7.0], "arrow")]  # fmt: skip
+    sr = _save_and_reload(ohif_sr(ct_series, groups), tmp_path / "ohif.dcm")
+    with caplog.at_level(logging.WARNING):
+        circle, polygon = read_sr_boxes(sr, ct_series)
+    assert (circle.k, circle.label) == (0, "cyst")
+    assert (circle.box.x1, circle.box.y1, circle.box.x2, circle.box.y2) == (15.0, 10.0, 25.0, 20.0)  # radius 5
+    assert (polygon.k, polygon.label) == (2, "mass")
+    assert (polygon.box.x1, polygon.box.y1, polygon.box.x2, polygon.box.y2) == (10.0, 8.0, 18.0, 17.0)
+    assert "skipping a POLYLINE region of 4 numbers ('length')" in caplog.text
+    assert "skipping a POINT region of 2 numbers ('arrow')" in caplog.text
+
+
 ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 
 
