@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--adapter", default=None, help="adapter directory (a registry version folder)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 (default float32)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default float32)")
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)"
     )
@@ -53,7 +54,7 @@ def load_backend_from_args(args: argparse.Namespace) -> Any:
         args.backend,
         args.model,
         device=device,
-        dtype=args.dtype,
+        dtype=args.dtype or "float32",
         trust_remote_code=args.trust_remote_code,
         adapter=args.adapter,
     )
@@ -122,6 +123,20 @@ def trl_options(settings: dict[str, Any], args: argparse.Namespace) -> Any:
     return dataclasses.replace(options, **{k: v for k, v in switches.items() if v is not None})
 
 
+def bf16_weights_notice(args: argparse.Namespace, trl: Any) -> str | None:
+    """What ``evlf train`` says when TRL trains in bf16 on a GPU over float32 base weights because ``--dtype`` was
+    not given. The default stays float32 (no silent switch): with bf16 base weights the fully trained connectors
+    (peft ``modules_to_save``: EVLF's connectors, the Qwen merger) are bf16 parameters too, as peft keeps only
+    LoRA in float32, so that memory-for-precision trade is the user's to make (docs/training.md, TRL)."""
+    if trl is None or not trl.bf16 or args.dtype is not None or not str(args.device).startswith("cuda"):
+        return None
+    return (
+        "--bf16 is autocast only: the base weights load in float32 (the --dtype default), twice their bf16 memory on "
+        "the GPU. --dtype bfloat16 loads them in bf16 (the connectors then train as bf16 parameters; LoRA stays "
+        "float32); --dtype float32 keeps this and silences this notice"
+    )
+
+
 def run_train(args: argparse.Namespace) -> int:
     from monailabel_evlf.training.adapters import AdapterRegistry
     from monailabel_evlf.training.config import GRPOConfig, SFTConfig, config_from_dict, load_training_yaml
@@ -129,12 +144,16 @@ def run_train(args: argparse.Namespace) -> int:
     from monailabel_evlf.training.samples import load_samples
 
     settings = load_training_yaml(args.config)
+    trl = trl_options(settings, args) if args.trainer == "trl" else None
+    notice = bf16_weights_notice(args, trl)
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
     stages = method_stages(
         "+".join(name for name in ("sft", "grpo") if name in args.stages),  # SFT first, as the paper
         sft=config_from_dict(SFTConfig, settings.get("sft")),
         grpo=config_from_dict(GRPOConfig, settings.get("grpo")),
         trainer=args.trainer,
-        trl=trl_options(settings, args) if args.trainer == "trl" else None,
+        trl=trl,
     )
     backend = load_backend_from_args(args)
     options = sample_options_from_args(args, backend)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -43,6 +43,9 @@ def tqdm_progress(desc: str) -> ProgressCallback:
 class SFTConfig:
     """Stage 1: negative log-likelihood of the target answers, LoRA + connectors only."""
 
+    # TRL's names (trl.SFTConfig) the YAML takes for ours: they mean exactly the same (config_from_dict)
+    TRL_NAMES: ClassVar[dict[str, str]] = {"num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size"}
+
     epochs: int = 3
     batch_size: int = 8
     learning_rate: float = 2e-4
@@ -57,7 +60,20 @@ class SFTConfig:
 
 @dataclasses.dataclass
 class GRPOConfig:
-    """Stage 2: group relative policy optimisation with verifiable rewards (names as in TRL's GRPOConfig)."""
+    """Stage 2: group relative policy optimisation with verifiable rewards (names as in TRL's GRPOConfig, but for
+    ``steps``, ``group_size``, ``max_new_tokens``, for which the YAML also takes TRL's names, and the batch layout)."""
+
+    TRL_NAMES: ClassVar[dict[str, str]] = {
+        "max_steps": "steps",
+        "num_generations": "group_size",
+        "max_completion_length": "max_new_tokens",
+    }
+    # TRL's names that do not map one to one: TRL counts completions where batch_size counts prompts
+    NOT_TRL_NAMES: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation", "generation_batch_size"),
+        "TRL's completion batch layout comes from batch_size (prompts per step) x group_size, split into "
+        "micro_batch_size completions per forward: set those",
+    )
 
     steps: int = 40
     batch_size: int = 4  # prompts per step; each gets ``group_size`` sampled answers
@@ -151,11 +167,29 @@ def _check_positive(config: Any, *names: str) -> None:
 
 
 def config_from_dict(cls: type[T], values: Mapping[str, Any] | None) -> T:
+    """``cls`` from a YAML section, strictly: unknown keys are errors. Where ``cls.TRL_NAMES`` has one, TRL's name
+    for a setting is taken for ours (a TRL config's values carry over) and stored as ours; both names at once are an
+    error, as are TRL names that do not map one to one (``cls.NOT_TRL_NAMES``, with the reason)."""
+    values = dict(values or {})
+    aliases: dict[str, str] = getattr(cls, "TRL_NAMES", {})
+    for theirs, ours in aliases.items():
+        if theirs not in values:
+            continue
+        if ours in values:
+            raise ValueError(
+                f"{cls.__name__}: {ours!r} and {theirs!r} are the same setting ({theirs} is TRL's name for {ours}); "
+                "give one of them"
+            )
+        values[ours] = values.pop(theirs)
+    for name, reason in getattr(cls, "NOT_TRL_NAMES", {}).items():
+        if name in values:
+            raise ValueError(f"{cls.__name__}: {name!r} does not map one to one here: {reason}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values or {}) - known)
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
-    return cls(**dict(values or {}))
+        also = f" (or TRL's {sorted(aliases)})" if aliases else ""
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}{also}")
+    return cls(**values)
 
 
 def load_training_yaml(path: str | Path) -> dict[str, Any]:

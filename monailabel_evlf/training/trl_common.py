@@ -150,15 +150,27 @@ def trl_processor(backend: Any) -> Any:
     return flat
 
 
+# instance attributes a TRL run sets on the models it trains: TRL's fused LM head (``forward`` on the base model),
+# accelerate's mixed-precision wrapper (``forward`` over ``_original_forward`` on the peft model, with --bf16) and
+# its "already prepared" mark, which makes the next run's accelerator skip its own wrapping of that model
+_RUN_ATTRIBUTES = ("forward", "_original_forward", "_is_accelerate_prepared")
+
+
 @contextmanager
 def restored_backend(backend: Any) -> Iterator[None]:
-    """Leave the backend as TRL found it: TRL patches the model's ``forward`` with its fused LM head (an instance
-    attribute over the class method) and may switch gradient checkpointing on."""
+    """Leave the backend as TRL found it: TRL patches the model's ``forward`` with its fused LM head, accelerate
+    wraps the peft model's ``forward`` in bf16 autocast under ``bf16`` (instance attributes over the class methods:
+    left there, a later run on the same backend without bf16 would still train in bf16), and gradient
+    checkpointing may be on."""
     model = backend.model
+    models = [model, *([backend.peft_model] if getattr(backend, "peft_model", None) is not None else [])]
+    had = [set(m.__dict__) & set(_RUN_ATTRIBUTES) for m in models]
     try:
         yield
     finally:
-        model.__dict__.pop("forward", None)
+        for module, kept in zip(models, had, strict=True):
+            for name in set(_RUN_ATTRIBUTES) - kept:
+                module.__dict__.pop(name, None)
         if model.is_activation_checkpointing:
             model.activation_checkpointing_disable()
         backend.eval()

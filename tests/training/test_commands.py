@@ -57,3 +57,35 @@ def test_train_with_trl_on_a_user_backend_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="--trainer compact"):
         require_trl_backend(object())
+
+
+@pytest.mark.parametrize(
+    ("extra", "noticed"),
+    [
+        (["--trainer", "trl", "--bf16", "--device", "cuda"], True),
+        (["--trainer", "trl", "--bf16", "--device", "cuda:1"], True),
+        (["--trainer", "trl", "--bf16", "--device", "cuda", "--dtype", "float32"], False),  # chosen: kept, quiet
+        (["--trainer", "trl", "--bf16", "--device", "cuda", "--dtype", "bfloat16"], False),
+        (["--trainer", "trl", "--bf16"], False),  # CPU: float32 weights under bf16 autocast, as before
+        (["--trainer", "trl", "--device", "cuda"], False),
+    ],
+)
+def test_bf16_on_a_gpu_without_dtype_keeps_float32_weights_and_says_so(extra, noticed):
+    from monailabel_evlf.training.commands import bf16_weights_notice, trl_options
+
+    args = build_parser().parse_args(["train", "--data", "d", "--held-out", "h", *extra])
+    assert args.dtype in (None, "float32", "bfloat16")  # None: the float32 default, unchanged
+    notice = bf16_weights_notice(args, trl_options({}, args))
+    assert (notice is not None) == noticed
+    if noticed:
+        assert "--dtype bfloat16" in notice and "float32" in notice
+    assert bf16_weights_notice(args, None) is None  # the compact trainer has no --bf16
+
+
+def test_the_dtype_default_is_still_float32(monkeypatch):
+    from monailabel_evlf.training import commands
+
+    seen = {}
+    monkeypatch.setattr("monailabel_evlf.model.load_backend", lambda *a, **k: seen.update(k))
+    commands.load_backend_from_args(build_parser().parse_args(["eval", "--data", "d"]))
+    assert seen["dtype"] == "float32"
