@@ -17,6 +17,7 @@ across the study's slices. Here every study goes through :meth:`VolumePipeline.g
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -24,9 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import mannwhitneyu
 
+from monailabel_evlf.data.phantoms import vqa_items
 from monailabel_evlf.imaging.geometry import VoxelBox, box_iou_3d
 from monailabel_evlf.imaging.volume import Volume
+from monailabel_evlf.inference import PipelineConfig, VolumePipeline
+from monailabel_evlf.tasks.metrics import Estimate, bootstrap, bootstrap_mean, vqa_estimates, wilson
 
 
 @dataclass
@@ -58,9 +63,33 @@ class StudyReport:
         }
         return out
 
+    def estimates(self) -> dict[str, Estimate]:
+        """The summary metrics with their n and 95% interval: recall over lesions (Wilson), false boxes per study
+        (bootstrap over studies), AUROC (bootstrap over boxes). A few dozen boxes leave AUROC uncertain by about
+        +-0.1, which a reader must see before comparing models."""
+        out: dict[str, Estimate] = {}
+        lesions = sum(s["lesions"] for s in self.studies)
+        if lesions:
+            out["lesion_recall@0.5"] = wilson(sum(s["found"] for s in self.studies), lesions)
+        for name, rows in (
+            ("false_boxes_per_normal_study", [s for s in self.studies if s["lesions"] == 0]),
+            ("false_boxes_per_lesion_study", [s for s in self.studies if s["lesions"] > 0]),
+        ):
+            if rows:
+                out[name] = bootstrap_mean([s["false_boxes"] for s in rows])
+        scores, true = np.asarray(self.box_scores, dtype=float), np.asarray(self.box_true, dtype=bool)
+        if true.any() and not true.all():
+
+            def auroc(idx: np.ndarray) -> np.ndarray:  # resamples without both kinds of box count as chance
+                flat = idx.reshape(-1, idx.shape[-1])
+                values = [box_auroc(scores[row], true[row]) for row in flat]
+                return np.nan_to_num(np.array(values), nan=0.5).reshape(idx.shape[:-1])
+
+            out["box_score_auroc"] = bootstrap(auroc, len(scores))
+        return out
+
     def vqa_estimates(self) -> dict[str, Any]:
         """Study-question closed accuracy / open recall (with n and 95% interval), overall and per question type."""
-        from monailabel_evlf.tasks.metrics import vqa_estimates
 
         def table(rows: list[dict[str, Any]]) -> dict[str, Any]:
             return vqa_estimates(
@@ -91,8 +120,11 @@ class StudyReport:
         return rows
 
     def to_text(self) -> str:
-        lines = ["per study (3D boxes through the volume pipeline)"]
-        lines += [f"  {name:<30} {value:8.3f}" for name, value in self.metrics().items()]
+        lines = ["per study (3D boxes through the volume pipeline): metric, value, n, 95% interval"]
+        estimates = self.estimates()
+        for name, value in self.metrics().items():
+            shown = estimates.get(name, f"{value:6.3f}")
+            lines.append(f"  {name:<30} {shown}")
         lines.append("  reliability: score bin, n, mean score, true fraction")
         lines += [
             f"    {r['bin']:<8} {r['n']:5d} {r['mean_score']:6.3f} {r['true_fraction']:6.3f}"
@@ -106,14 +138,13 @@ class StudyReport:
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
-        import json
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "studies.json", "text": out / "studies.txt", "png": out / "reliability.png"}
         vqa = {g: {k: e.to_json() for k, e in est.items()} for g, est in self.vqa_estimates().items()}
         payload = {
             "metrics": self.metrics(),
+            "estimates": {name: e.to_json() for name, e in self.estimates().items()},
             "reliability": self.reliability(),
             "study_vqa": vqa,
             "studies": self.studies,
@@ -127,8 +158,6 @@ class StudyReport:
 
 def box_auroc(scores: Sequence[float], true: Sequence[bool]) -> float:
     """Probability that a true box outscores a false one (ties count half); NaN without both kinds."""
-    from scipy.stats import mannwhitneyu
-
     scores, true = np.asarray(scores, dtype=float), np.asarray(true, dtype=bool)
     if true.all() or not true.any():
         return float("nan")
@@ -171,9 +200,6 @@ def evaluate_studies(
 ) -> StudyReport:
     """Run the grounding pipeline on ``(image, affine, ground_truth)`` studies and score their 3D boxes; with
     ``questions``, also the study's ground-truth study questions (:func:`data.phantoms.vqa_items`)."""
-    from monailabel_evlf.data.phantoms import vqa_items
-    from monailabel_evlf.inference import PipelineConfig, VolumePipeline
-
     config = pipeline_config or PipelineConfig()
     pipeline = VolumePipeline(backend, replace(config, min_box_score=0.0))
     report = StudyReport()
@@ -229,10 +255,10 @@ def _at_operating_point(result: Any, min_score: float) -> Any:
 
 def plot_reliability(rows: Sequence[dict[str, float]], path: str | Path) -> Path:
     """Reliability diagram: share of true boxes against mean score per bin (the diagonal is calibrated)."""
-    import matplotlib
+    import matplotlib  # lazy: plots only; Agg is chosen here, not for every importer
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     fig, ax = plt.subplots(figsize=(4.0, 4.0))
     ax.plot([0, 1], [0, 1], color="#bbbbbb", linestyle="--", linewidth=1)

@@ -53,6 +53,29 @@ def test_report_metrics_and_reliability():
     ]
 
 
+def test_study_estimates_carry_n_and_an_interval_around_the_value():
+    report = StudyReport(
+        studies=[
+            {"study_id": "a", "lesions": 3, "found": 2, "boxes": 3, "false_boxes": 1},
+            {"study_id": "b", "lesions": 1, "found": 1, "boxes": 1, "false_boxes": 0},
+            {"study_id": "c", "lesions": 0, "found": 0, "boxes": 2, "false_boxes": 2},
+            {"study_id": "d", "lesions": 0, "found": 0, "boxes": 0, "false_boxes": 0},
+        ],
+        box_scores=[0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.2, 0.75],
+        box_true=[True, True, False, True, False, False, False, False],
+    )
+    estimates, metrics = report.estimates(), report.metrics()
+    recall = estimates["lesion_recall@0.5"]
+    assert (recall.value, recall.n, recall.method) == (0.75, 4, "wilson")
+    assert estimates["false_boxes_per_normal_study"].n == 2
+    assert estimates["false_boxes_per_normal_study"].value == metrics["false_boxes_per_normal_study"] == 1.0
+    auroc = estimates["box_score_auroc"]
+    assert auroc.value == pytest.approx(metrics["box_score_auroc"]) and auroc.n == 8
+    assert auroc.low < auroc.value < auroc.high <= 1.0  # 8 boxes: a wide interval, as it should be
+    text = report.to_text()
+    assert "n=4" in text and "n=8" in text
+
+
 @pytest.mark.parametrize("orientation", ["identity", "flipped", "oblique"])
 def test_an_oracle_backend_finds_every_lesion_once(orientation, tmp_path):
     """Through the real volume pipeline: an oracle that answers each slice's true boxes scores recall 1 and no
