@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from monailabel_evlf.model.backend import BACKENDS, VLMBackend, resolve_backend_class
+from monailabel_evlf.model.presets import get_preset, model_location
 
 logger = logging.getLogger(__name__)
 
@@ -17,8 +18,6 @@ def load_backend(backend: str, model: str, **kwargs: Any) -> VLMBackend:
     ``backend`` is a name in :data:`BACKENDS` or a ``"module:Class"`` import path; a preset's own backend and
     options take precedence over the defaults (explicit ``kwargs`` still win over preset options).
     """
-    from monailabel_evlf.model.presets import get_preset, model_location
-
     preset = get_preset(model)
     if preset is not None:
         if backend != preset.backend:

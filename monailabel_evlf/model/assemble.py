@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from monailabel_evlf.model.backends.base import resolve_dtype
 from monailabel_evlf.model.configuration_evlf import EVLFConfig
 from monailabel_evlf.model.modeling_evlf import EVLFDiseaseConnector, EVLFForConditionalGeneration, EVLFPixelConnector
 from monailabel_evlf.model.processing_evlf import DISEASE_TOKEN, IMAGE_TOKEN, PIXEL_TOKEN, EVLFProcessor
@@ -22,15 +24,11 @@ from monailabel_evlf.model.tiny import REASONING_TOKENS
 
 def _vision_config(name: str, load: dict[str, Any]):
     """A vision tower's config; dual-encoder checkpoints (CLIP, SigLIP) contribute their ``vision_config``."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(name, **load)
     return getattr(config, "vision_config", config)
 
 
 def _image_stats(name: str, load: dict[str, Any]) -> tuple[list[float], list[float]]:
-    from transformers import AutoImageProcessor
-
     processor = AutoImageProcessor.from_pretrained(name, **load)
     return list(processor.image_mean), list(processor.image_std)
 
@@ -48,10 +46,6 @@ def assemble_evlf(
     trust_remote_code: bool = False,
 ) -> Path:
     """Write an EVLF checkpoint to ``out_dir`` from three pretrained components; returns ``out_dir``."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    from monailabel_evlf.model.backends.base import resolve_dtype
-
     load = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
     torch_dtype = resolve_dtype(dtype)
     tokenizer = AutoTokenizer.from_pretrained(language_model, **load)

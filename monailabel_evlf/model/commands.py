@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import yaml
+
+from monailabel_evlf.model.presets import get_preset
+
 
 def assemble_model(args: argparse.Namespace) -> int:
-    import yaml
-
-    from monailabel_evlf.model.assemble import assemble_evlf
-    from monailabel_evlf.model.presets import get_preset
+    from monailabel_evlf.model.assemble import assemble_evlf  # lazy: heavy; keeps `evlf --help` fast
 
     preset = get_preset(args.recipe)
     if preset is not None:

@@ -62,7 +62,7 @@ def get_preset(name: str) -> Preset | None:
 
 
 def _builders() -> dict[str, Any]:
-    from monailabel_evlf.model import tiny
+    from monailabel_evlf.model import tiny  # lazy: transformers + monai, for build presets only
 
     return {
         "tiny_evlf": tiny.build_tiny_evlf,

@@ -11,9 +11,35 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    Dinov2Config,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Config,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
+    SiglipVisionConfig,
+)
 
 from monailabel_evlf.data.phantoms import LESION_KINDS, NORMAL_LABEL, ORGANS
+from monailabel_evlf.model.configuration_evlf import EVLFConfig
+from monailabel_evlf.model.dense_encoder import EVLFDenseEncoderConfig
+from monailabel_evlf.model.modeling_evlf import EVLFForConditionalGeneration
+from monailabel_evlf.model.processing_evlf import (
+    CHAT_TEMPLATE,
+    COORD_TOKEN,
+    DISEASE_TOKEN,
+    IMAGE_TOKEN,
+    PIXEL_TOKEN,
+    REGION_TOKEN,
+    EVLFProcessor,
+)
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -100,21 +126,6 @@ def build_tiny_evlf(
     detection connector over the phantoms' lesion kinds and organs. With ``out_dir`` both are saved there
     (safetensors) and reloadable with ``from_pretrained``. Returns ``(model, processor)``.
     """
-    from transformers import Dinov2Config, Qwen2Config, SiglipVisionConfig
-
-    from monailabel_evlf.model.configuration_evlf import EVLFConfig
-    from monailabel_evlf.model.dense_encoder import EVLFDenseEncoderConfig
-    from monailabel_evlf.model.modeling_evlf import EVLFForConditionalGeneration
-    from monailabel_evlf.model.processing_evlf import (
-        CHAT_TEMPLATE,
-        COORD_TOKEN,
-        DISEASE_TOKEN,
-        IMAGE_TOKEN,
-        PIXEL_TOKEN,
-        REGION_TOKEN,
-        EVLFProcessor,
-    )
-
     placeholders = (IMAGE_TOKEN, DISEASE_TOKEN, PIXEL_TOKEN, REGION_TOKEN, COORD_TOKEN)
     tokenizer = build_tokenizer(placeholders, chat_template=CHAT_TEMPLATE)
     vision = {"num_hidden_layers": 1, "num_attention_heads": 2, "hidden_size": 32, "patch_size": patch_size}
@@ -218,14 +229,6 @@ def _save_vlm(model, processor, tokenizer, out_dir):
 def build_tiny_qwen2_5_vl(out_dir: str | Path | None = None, *, hidden_size: int = 32, seed: int = 0):
     """A Qwen2.5-VL of about 0.1 M parameters with random weights and its processor (images kept small:
     at most 56 x 56 px after smart_resize). Returns ``(model, processor)``."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
     tokenizer = build_tokenizer(QWEN_VISION_TOKENS, chat_template=QWEN_VL_CHAT_TEMPLATE)
     config = Qwen2_5_VLConfig(
         text_config={
@@ -260,14 +263,6 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path | None = None, *, hidden_size: int
 
 def build_tiny_qwen3_vl(out_dir: str | Path | None = None, *, hidden_size: int = 32, seed: int = 0):
     """A Qwen3-VL (0..1000 box grid) with random weights and its processor; images at most 64 x 64 px."""
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
-    )
-
     tokenizer = build_tokenizer(QWEN_VISION_TOKENS, chat_template=QWEN_VL_CHAT_TEMPLATE)
     config = Qwen3VLConfig(
         text_config={

@@ -210,7 +210,7 @@ class OpenAIChatBackend:
         processor_source = opts.processor or name_or_path
 
         def load_processor() -> Any:
-            from transformers import AutoProcessor
+            from transformers import AutoProcessor  # lazy: a remote model needs no transformers
 
             load = {"trust_remote_code": trust_remote_code, "local_files_only": opts.local_files_only}
             try:
