@@ -23,6 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from monailabel_evlf.data.phantoms import make_phantom
+from monailabel_evlf.model.backends.evlf import EVLFBackend
+from monailabel_evlf.model.tiny import build_tiny_evlf
 from monailabel_evlf.training.config import (
     DetectorConfig,
     GRPOConfig,
@@ -31,6 +36,13 @@ from monailabel_evlf.training.config import (
     config_from_dict,
     load_training_yaml,
 )
+from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
+from monailabel_evlf.training.evaluate import evaluate
+from monailabel_evlf.training.finetune import default_rewards
+from monailabel_evlf.training.grpo import train_grpo
+from monailabel_evlf.training.samples import SampleOptions, phantom_samples
+from monailabel_evlf.training.sft import train_sft
+from monailabel_evlf.training.study_evaluation import evaluate_studies
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +94,6 @@ def load_demo_config(path: str | Path) -> DemoConfig:
 
 def sample_options(data: DemoData, backend: Any) -> Any:
     """How the recipe's phantoms become samples for ``backend``."""
-    from monailabel_evlf.training.samples import SampleOptions
-
     return SampleOptions(
         box_codec=backend.box_codec,
         size=tuple(data.size),
@@ -95,8 +105,6 @@ def sample_options(data: DemoData, backend: Any) -> Any:
 
 def phantom_studies(data: DemoData, split: str) -> list[Any]:
     """The training or held-out phantoms, in memory (no files: fast and exactly reproducible)."""
-    from monailabel_evlf.data.phantoms import make_phantom
-
     count, seed = (data.train_studies, data.seed) if split == "train" else (data.held_out_studies, data.seed + 1)
     return [
         make_phantom([seed, index], kinds=data.kinds, organs=data.organs, study_id=f"{split}_{index:03d}")
@@ -107,8 +115,6 @@ def phantom_studies(data: DemoData, split: str) -> list[Any]:
 def normal_studies(data: DemoData) -> list[Any]:
     """Extra lesion-free held-out phantoms (another seed stream): false 3D boxes per normal study needs more
     than the two or three that a random draw of ``held_out_studies`` brings."""
-    from monailabel_evlf.data.phantoms import make_phantom
-
     return [
         make_phantom(
             [data.seed + 1, 1000 + index],
@@ -123,8 +129,6 @@ def normal_studies(data: DemoData) -> list[Any]:
 
 def phantom_split(data: DemoData, options: Any, split: str, phantoms: list[Any] | None = None) -> list[Any]:
     """Training or held-out samples from in-memory phantoms (:func:`phantom_studies` unless given)."""
-    from monailabel_evlf.training.samples import phantom_samples
-
     samples = []
     for index, phantom in enumerate(phantoms if phantoms is not None else phantom_studies(data, split)):
         samples += phantom_samples(
@@ -140,8 +144,6 @@ def smooth_number_embeddings(model: Any, tokenizer: Any, seed: int = 0) -> None:
     starting close together, a near miss of one unit already costs little and coordinates train far faster. The
     sinusoid (as transformer position encodings) is scaled to the other rows' norm and mixed with a little noise.
     """
-    import torch
-
     ids = tokenizer.convert_tokens_to_ids([str(n) for n in range(101)])
     embeddings = model.get_input_embeddings().weight
     dim = embeddings.shape[1]
@@ -170,12 +172,6 @@ def build_demo_model(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
-    from monailabel_evlf.model.backends.evlf import EVLFBackend
-    from monailabel_evlf.model.tiny import build_tiny_evlf
-    from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
-    from monailabel_evlf.training.finetune import default_rewards
-    from monailabel_evlf.training.grpo import train_grpo
-    from monailabel_evlf.training.sft import train_sft
 
     work = out.parent / f".{out.name}.building"
     shutil.rmtree(work, ignore_errors=True)
@@ -248,10 +244,6 @@ def evaluate_demo_model(
     studies) and study questions; writes ``eval/``, ``training_summary.json`` and ``README.md`` in ``model_dir``.
     Re-runnable on a saved model (``evlf build-demo-model DIR --evaluate-only``), e.g. after a pipeline change;
     the build timings and sample count are then kept from the existing summary."""
-    from monailabel_evlf.model.backends.evlf import EVLFBackend
-    from monailabel_evlf.training.evaluate import evaluate
-    from monailabel_evlf.training.study_evaluation import evaluate_studies
-
     model_dir = Path(model_dir)
     summary = model_dir / "training_summary.json"
     previous = json.loads(summary.read_text()) if summary.is_file() else {}

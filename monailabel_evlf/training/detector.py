@@ -21,6 +21,7 @@ import torch
 
 from monailabel_evlf.imaging.geometry import Box2D, box_iou_2d
 from monailabel_evlf.model.detection import DetectionTarget
+from monailabel_evlf.tasks import prompts
 from monailabel_evlf.tasks.parsing import split_answer
 from monailabel_evlf.training.config import DetectorConfig, ProgressCallback
 from monailabel_evlf.training.samples import TrainingSample
@@ -182,8 +183,6 @@ def copy_proposal_targets(backend, samples: Sequence[TrainingSample], *, min_iou
     A true box matched by a proposal with IoU >= ``min_iou`` is written as that proposal; an unmatched one keeps its
     own box. Other samples are returned unchanged; ``sample.boxes`` (the truth the metrics use) never changes.
     """
-    from monailabel_evlf.tasks import prompts
-
     grounding = [i for i, s in enumerate(samples) if s.task == "grounding" and s.boxes]
     out = list(samples)
     for start in range(0, len(grounding), batch_size):

@@ -4,12 +4,16 @@ A demo build takes about 18 minutes, most of it the LLM stage; whether a detecto
 own numbers after a few minutes: the top-1 and best-of-K proposal against each true box (Acc@0.5, mIoU), by box
 size, on held-out phantoms of another seed and on training slices (over- vs under-fitting). The model and data
 come from the demo recipe (``configs/training/demo.yaml``), so the numbers speak for the committed design.
+
+The model, training and imaging imports are lazy (inside the functions that run the benchmark): ``evlf`` imports
+this module to register the sub-command, and ``evlf --help`` should not load monai and transformers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -17,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from monailabel_evlf.training.config import TRAINING_CONFIG_DIR as CONFIG_DIR
 
 SIZE_BINS_PX = ((0, 4), (4, 8), (8, 16), (16, 10_000))  # the true box's longer side, slice pixels
 
@@ -55,8 +61,6 @@ def run_detector_bench(
 ) -> dict[str, Any]:
     """Build the recipe's untrained model, fit its detector (``steps`` / ``train_studies`` override the recipe),
     score it; writes ``detector_bench.json`` under ``out``."""
-    import tempfile
-
     from monailabel_evlf.model.backends.evlf import EVLFBackend
     from monailabel_evlf.model.tiny import build_tiny_evlf
     from monailabel_evlf.training.demo_model import load_demo_config, phantom_split
@@ -101,8 +105,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from monailabel_evlf.training.commands import CONFIG_DIR
-
     parser = subparsers.add_parser("detector", help="the detection connector alone: proposal Acc@0.5 by box size")
     parser.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"), help="demo-model recipe YAML")
     parser.add_argument("--steps", type=int, default=None, help="detector steps (default: the recipe's)")

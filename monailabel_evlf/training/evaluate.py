@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from monailabel_evlf.model.backend import SamplingConfig, VLMBackend
-from monailabel_evlf.tasks import metrics
+from monailabel_evlf.tasks import metrics, prompts
 from monailabel_evlf.tasks.metrics import ALL, Estimate, MetricsTable
+from monailabel_evlf.tasks.parsing import parse_answer
 from monailabel_evlf.training.samples import NORMAL_LABEL, TrainingSample
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ def predict(
     max_new_tokens: int = 96,
 ) -> list[Prediction]:
     """Greedy answers for ``samples`` (optionally with other prompts, e.g. prompt variants), parsed."""
-    from monailabel_evlf.tasks.parsing import parse_answer
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts = [s.prompt for s in samples] if prompts is None else list(prompts)
@@ -215,8 +214,6 @@ def evaluate(
 ) -> EvaluationReport:
     """All metrics the samples allow; ``consistency_variants`` N > 0 re-asks the diagnosis samples in the base
     prompt and the paper's variants 1..N (N = 10 for Supplementary Table 4)."""
-    from monailabel_evlf.tasks import prompts
-
     if not samples:
         raise ValueError("nothing to evaluate: no samples")
     predictions = predict(backend, samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -270,10 +267,10 @@ def evaluate(
 def plot_metrics(table: MetricsTable, path: str | Path, title: str) -> Path:
     """One bar panel per section and per breakdown: every metric in [0, 1] with its 95% interval as an error bar
     and its n (matplotlib, Agg: no display needed)."""
-    import matplotlib
+    import matplotlib  # lazy: plots only; Agg is chosen here, not for every importer
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     panels = []
     for section, values in table.sections.items():

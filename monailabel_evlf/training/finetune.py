@@ -15,9 +15,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from monailabel_evlf.model.backend import VLMBackend
+from monailabel_evlf.tasks.rewards import default_reward_functions, format_reward, grounding_reward
 from monailabel_evlf.training.adapters import AdapterRegistry, AdapterVersion
 from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, ProgressCallback, SFTConfig, TRLConfig
+from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
+from monailabel_evlf.training.evaluate import evaluate
+from monailabel_evlf.training.grpo import train_grpo
 from monailabel_evlf.training.samples import TrainingSample
+from monailabel_evlf.training.sft import train_sft
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +42,11 @@ class FinetuneResult:
 
 def default_rewards() -> list[Callable[..., list[float]]]:
     """The paper's verifiable rewards: diagnosis exact match, grounding IoU above a floor, VQA token F1, format."""
-    from monailabel_evlf.tasks.rewards import default_reward_functions
-
     return list(default_reward_functions())
 
 
 def grounding_rewards() -> list[Callable[..., list[float]]]:
     """Grounding IoU (0 below the floor) and the answer format: what corrected ROI boxes can verify."""
-    from monailabel_evlf.tasks.rewards import format_reward, grounding_reward
-
     return [grounding_reward, format_reward]
 
 
@@ -78,8 +79,6 @@ class DetectorStage:
     name: ClassVar[str] = "detector"
 
     def run(self, backend, samples, callback):
-        from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
-
         history = train_detector(backend, samples, self.config, callback=callback)
         return history, copy_proposal_targets(backend, samples)
 
@@ -99,10 +98,9 @@ class SFTStage:
 
     def run(self, backend, samples, callback):
         if self.trainer == "trl":
-            from monailabel_evlf.training.trl_sft import train_sft_trl
+            from monailabel_evlf.training.trl_sft import train_sft_trl  # lazy: TRL path only (trl, datasets)
 
             return train_sft_trl(backend, samples, self.config, self.trl, callback=callback), samples
-        from monailabel_evlf.training.sft import train_sft
 
         return train_sft(backend, samples, self.config, callback=callback), samples
 
@@ -123,12 +121,10 @@ class GRPOStage:
 
     def run(self, backend, samples, callback):
         if self.trainer == "trl":
-            from monailabel_evlf.training.trl_grpo import train_grpo_trl
+            from monailabel_evlf.training.trl_grpo import train_grpo_trl  # lazy: TRL path only (trl, datasets)
 
             history = train_grpo_trl(backend, samples, self.reward_funcs, self.config, self.trl, callback=callback)
         else:
-            from monailabel_evlf.training.grpo import train_grpo
-
             history = train_grpo(backend, samples, self.reward_funcs, self.config, callback=callback)
         return history, samples
 
@@ -183,8 +179,6 @@ def finetune_adapter(
     processes (TRL stages) every process trains, and process 0 alone measures, saves and gates: the others
     return None.
     """
-    from monailabel_evlf.training.evaluate import evaluate
-
     shorthand = [s for s in (detector, sft, grpo) if s is not None]
     if shorthand and stages:
         raise ValueError("give either stages or the detector / sft / grpo shorthand, not both")

@@ -7,6 +7,9 @@ path the MONAI Label train task uses. For each number of cases the adapter is re
 by each method on the same samples — SFT, GRPO (grounding IoU + format rewards) and the paper's SFT then GRPO,
 each after the detector stage for models with the detection connector — then measured on held-out shifted cases
 (Acc@0.5, mIoU) with wall time and, for GRPO, the share of groups whose rewards differ (the groups with signal).
+
+The model, training and imaging imports are lazy (inside the functions that run the benchmark): ``evlf`` imports
+this module to register the sub-command, and ``evlf --help`` should not load monai and transformers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from monailabel_evlf.model import load_backend
+from monailabel_evlf.training.config import TRAINING_CONFIG_DIR as CONFIG_DIR
+from monailabel_evlf.training.config import (
+    DetectorConfig,
+    GRPOConfig,
+    SFTConfig,
+    config_from_dict,
+    load_training_yaml,
+    tqdm_progress,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +57,6 @@ class LearningLoopConfig:
 
 
 def load_learning_loop_config(path: str | Path) -> LearningLoopConfig:
-    from monailabel_evlf.training.config import config_from_dict, load_training_yaml
-
     return config_from_dict(LearningLoopConfig, load_training_yaml(path))
 
 
@@ -79,8 +91,6 @@ def shifted_cases(config: LearningLoopConfig, count: int, seed_offset: int, opti
 def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """The whole benchmark; writes ``learning_loop.json``, ``learning_loop.md`` and ``learning_loop.png``."""
     from monailabel_evlf.imaging.windowing import resolve_window
-    from monailabel_evlf.model import load_backend
-    from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, SFTConfig, config_from_dict
     from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
     from monailabel_evlf.training.evaluate import evaluate
     from monailabel_evlf.training.finetune import grounding_rewards
@@ -144,8 +154,6 @@ def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progre
 
 
 def _progress(desc: str):
-    from monailabel_evlf.training.config import tqdm_progress
-
     return tqdm_progress(desc)
 
 
@@ -164,10 +172,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_learning_curve(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    import matplotlib
+    import matplotlib  # lazy: plots only; Agg is chosen here, not for every importer
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     zero = next(r for r in rows if r["method"] == "zero-shot")
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
@@ -202,8 +210,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from monailabel_evlf.training.config import TRAINING_CONFIG_DIR as CONFIG_DIR
-
     parser = subparsers.add_parser(
         "learning-loop", help="zero-shot vs few-shot GRPO vs SFT on a distribution shift (Acc@0.5, mIoU, time)"
     )

@@ -17,10 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from monailabel_evlf.data.phantoms import GROUND_TRUTH_DIR, LESION_KINDS, ORGANS, read_ground_truth
+from monailabel_evlf.data.vqa import item_truth, read_vqa, slice_questions, vqa_path
 from monailabel_evlf.imaging.geometry import Box2D, VoxelBox
-from monailabel_evlf.imaging.slicing import RenderedSlice, choose_axis, render_slices, voxel_box_to_slice_box
-from monailabel_evlf.imaging.volume import Volume
+from monailabel_evlf.imaging.slicing import (
+    RenderedSlice,
+    body_slices,
+    choose_axis,
+    render_slices,
+    voxel_box_to_slice_box,
+)
+from monailabel_evlf.imaging.volume import Volume, load_volume
+from monailabel_evlf.tasks import prompts
 from monailabel_evlf.tasks.box_codec import BoxCodec
 from monailabel_evlf.tasks.labels import NORMAL_LABEL
 
@@ -164,8 +174,6 @@ def samples_for_volume(
     ``vqa_per_slice`` questions drawn from the slice's ground-truth set (:func:`monailabel_evlf.data.vqa.
     slice_questions`, every VQA-RAD / SLAKE type); otherwise which label is on the slice (closed).
     """
-    from monailabel_evlf.tasks import prompts
-
     findings = _central_slices(findings, min_area_fraction)
     by_slice: dict[tuple[int, int], list[_SliceFinding]] = defaultdict(list)
     for finding in findings:
@@ -174,8 +182,6 @@ def samples_for_volume(
     rng = np.random.default_rng(seed)
     display_axis = choose_axis(volume.affine)
     if normal_slices:
-        from monailabel_evlf.imaging.slicing import body_slices
-
         taken = {k for (axis, k) in by_slice if axis == display_axis}
         lesion_slices = {k for f in findings for k in range(int(f.box.lo[display_axis]), int(f.box.hi[display_axis]))}
         free = [int(k) for k in body_slices(volume, display_axis) if k not in lesion_slices and k not in taken]
@@ -275,8 +281,6 @@ def _slice_samples(
 def vqa_reasoning(ground_truth: dict[str, Any], item: Any) -> str:
     """The ``<think>`` text a VQA answer rests on: the lesions it is about (kind, organ, side), or what the slice
     shows when it is about none of them — never a finding the answer does not name."""
-    from monailabel_evlf.data.phantoms import ORGANS
-
     by_id = {lesion["id"]: lesion for lesion in ground_truth.get("lesions", [])}
     about = [by_id[i] for i in item.lesion_ids if i in by_id]
     if about:
@@ -299,8 +303,6 @@ def _vqa_samples(
     meta: dict[str, Any],
 ) -> list[TrainingSample]:
     """``options.vqa_per_slice`` questions drawn from the slice's ground-truth VQA set."""
-    from monailabel_evlf.data.vqa import slice_questions
-
     items = slice_questions(ground_truth, rendered.axis, rendered.index, rng)
     picked = [items[int(n)] for n in rng.permutation(len(items))[: options.vqa_per_slice]]
     return [_vqa_sample(rendered, ground_truth, item, options, meta) for item in picked]
@@ -309,9 +311,6 @@ def _vqa_samples(
 def _vqa_sample(
     rendered: RenderedSlice, ground_truth: dict[str, Any], item: Any, options: SampleOptions, meta: dict[str, Any]
 ) -> TrainingSample:
-    from monailabel_evlf.data.vqa import item_truth
-    from monailabel_evlf.tasks import prompts
-
     return TrainingSample(
         image=rendered.image,
         prompt=prompts.vqa_prompt(options.modality, item.question, closed_options=item.options),
@@ -355,8 +354,6 @@ def phantom_samples(
 
 def _phantom_labels(options: SampleOptions) -> SampleOptions:
     """Phantom diagnosis prompts offer every lesion kind, not only those one study happens to contain."""
-    from monailabel_evlf.data.phantoms import LESION_KINDS
-
     return options if options.labels else replace(options, labels=tuple(LESION_KINDS))
 
 
@@ -364,15 +361,11 @@ def datastore_samples(
     datastore_dir: str | Path, options: SampleOptions, study_ids: Sequence[str] | None = None, **kwargs: Any
 ) -> list[TrainingSample]:
     """Samples from a phantom folder written by ``evlf make-sample-data`` (images + ``ground_truth/*.json``)."""
-    from monailabel_evlf.data.phantoms import GROUND_TRUTH_DIR, read_ground_truth
-    from monailabel_evlf.imaging.volume import load_volume
-
     root = Path(datastore_dir)
     if study_ids is None:
         study_ids = sorted(p.stem for p in (root / GROUND_TRUTH_DIR).glob("*.json"))
     if not study_ids:
         raise FileNotFoundError(f"no phantom ground truth under {root / GROUND_TRUTH_DIR}")
-    from monailabel_evlf.data.vqa import read_vqa, vqa_path
 
     samples = []
     for index, study_id in enumerate(study_ids):
@@ -414,10 +407,6 @@ def manifest_samples(folder: str | Path, options: SampleOptions) -> list[Trainin
     ``label``, ``boxes`` (``[[x1, y1, x2, y2], ...]`` in that picture's pixels, edge coordinates), ``question`` /
     ``answer`` / ``options`` for VQA and diagnosis, optional ``reasoning`` and ``modality``.
     """
-    from PIL import Image
-
-    from monailabel_evlf.tasks import prompts
-
     folder = Path(folder)
     manifest = folder / MANIFEST
     if not manifest.is_file():

@@ -4,6 +4,9 @@
 a fresh child process (peak RSS is per process: ``ru_maxrss``) and prints a Markdown table. "s/step" is the
 median of the steps after the first; "stage s" is the whole stage call including TRL's trainer set-up, which is
 what a few-step in-app round pays.
+
+The model and training imports are lazy (inside :func:`measure`): the parent process only starts the children
+and prints their table, so only the measured children load torch, monai and transformers.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import sys
 import time
 from typing import Any
 
+from monailabel_evlf.training.config import GRPOConfig, SFTConfig, TRLConfig
+
 
 def measure(trainer: str, stage: str, model: str, steps: int) -> dict[str, Any]:
     """One (trainer, stage) run in this process."""
     from monailabel_evlf.data.phantoms import make_phantom
     from monailabel_evlf.imaging.windowing import resolve_window
     from monailabel_evlf.model import load_backend
-    from monailabel_evlf.training.config import GRPOConfig, SFTConfig, TRLConfig
     from monailabel_evlf.training.finetune import GRPOStage, SFTStage, grounding_rewards
     from monailabel_evlf.training.samples import SampleOptions, phantom_samples
 

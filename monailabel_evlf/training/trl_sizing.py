@@ -23,6 +23,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from transformers import AttentionInterface, AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen3VLConfig
+
 GIB = 2**30
 LORA_R = 8
 LORA_TARGET = re.compile(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$")
@@ -63,8 +67,6 @@ PRESETS = (
 def published_config(model_type: str) -> Any:
     """The published architecture of Qwen2.5-VL-7B-Instruct / Qwen3-VL-8B-Instruct (their config.json values)."""
     if model_type == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
         return Qwen2_5_VLConfig(
             text_config={
                 "hidden_size": 3584,
@@ -88,7 +90,6 @@ def published_config(model_type: str) -> Any:
             },
             tie_word_embeddings=False,
         )
-    from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(
         text_config={
@@ -118,9 +119,6 @@ def published_config(model_type: str) -> Any:
 
 def parameter_counts(preset: Preset) -> dict[str, int]:
     """Exact counts on the meta device: whole model, LoRA (r x (in + out) per targeted linear), the connector."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
     config = published_config(preset.model_type)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
@@ -156,7 +154,6 @@ def config_head_dim(text: Any) -> int:
 def _flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention that saves for backward what FlashAttention-2 / SDPA's efficient kernels save on a GPU (q, k, v,
     the output and one log-sum-exp per row), not the ``L x L`` probabilities the math fallback keeps on ``meta``."""
-    import torch
 
     class Flash(torch.autograd.Function):
         @staticmethod
@@ -178,10 +175,6 @@ def measure_layer_bytes(model_type: str, tokens: int = 4096) -> float:
     """Bytes autograd saves per token for one full-width decoder layer with peft LoRA (r=8, q/k/v/o; LoRA weights
     fp32 as peft makes them) and bf16 base weights: run on the ``meta`` device (shapes only, no memory, no time),
     every tensor saved for backward recorded once per storage, weights excluded."""
-    import torch
-    from peft import LoraConfig, inject_adapter_in_model
-    from transformers import AttentionInterface, AutoModelForImageTextToText
-
     AttentionInterface.register("evlf_kernel_like", _flash_like_attention)
     config = published_config(model_type)
     text = config.get_text_config()
