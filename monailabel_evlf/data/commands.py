@@ -9,7 +9,7 @@ logger = logging.getLogger(__name__)
 
 
 def make_sample_data(args: argparse.Namespace) -> int:
-    from monailabel_evlf.data.phantoms import write_sample_dataset
+    from monailabel_evlf.data.phantoms import write_sample_dataset  # lazy: monai; keeps `evlf --help` fast
 
     study_ids = write_sample_dataset(
         args.out_dir,

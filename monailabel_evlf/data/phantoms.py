@@ -496,8 +496,7 @@ def save_phantom(phantom: Phantom, out_dir: str | pathlib.Path, *, dicom: bool =
     truth_dir.mkdir(parents=True, exist_ok=True)
     _write_nifti(phantom.image.astype(np.int16), phantom.affine, out_dir / f"{study_id}.nii.gz")
     _write_nifti(phantom.labelmap, phantom.affine, truth_dir / f"{study_id}_lesions.nii.gz")
-    # imported here: vqa reads this module's vocabularies
-    from monailabel_evlf.data.vqa import VQA_SUFFIX, write_vqa
+    from monailabel_evlf.data.vqa import VQA_SUFFIX, write_vqa  # lazy: circular, vqa imports this module
 
     write_vqa(vqa_items(phantom.ground_truth), truth_dir / f"{study_id}{VQA_SUFFIX}")
     sidecar = {
@@ -511,8 +510,7 @@ def save_phantom(phantom: Phantom, out_dir: str | pathlib.Path, *, dicom: bool =
         "dicom": None,
     }
     if dicom:
-        # imported here: pydicom is only needed when DICOM output is asked for
-        from monailabel_evlf.data.dicom_series import write_dicom_series
+        from monailabel_evlf.data.dicom_series import write_dicom_series  # lazy: pydicom only for DICOM output
 
         paths = write_dicom_series(
             phantom.image,
@@ -522,7 +520,7 @@ def save_phantom(phantom: Phantom, out_dir: str | pathlib.Path, *, dicom: bool =
             series_description=f"EVLF phantom {study_id}",
             seed=phantom.ground_truth["generator"]["seed"],
         )
-        import pydicom
+        import pydicom  # lazy: only for DICOM output
 
         first = pydicom.dcmread(paths[0], stop_before_pixels=True)
         sidecar["files"]["dicom"] = f"{DICOM_DIR}/{study_id}"
@@ -538,7 +536,7 @@ def save_phantom(phantom: Phantom, out_dir: str | pathlib.Path, *, dicom: bool =
 def vqa_items(ground_truth: dict[str, Any]) -> list[Any]:
     """The study's ground-truth VQA set (:func:`monailabel_evlf.data.vqa.study_vqa`), seeded apart from its image:
     what ``save_phantom`` writes, for in-memory phantoms too."""
-    from monailabel_evlf.data.vqa import study_vqa
+    from monailabel_evlf.data.vqa import study_vqa  # lazy: circular, vqa imports this module
 
     return study_vqa(ground_truth, [*ground_truth["generator"]["seed"], _VQA_STREAM])
 

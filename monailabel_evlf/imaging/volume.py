@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import itk
+import nibabel as nib
 import numpy as np
+import pydicom
+from monai.data import ITKReader
 
 from monailabel_evlf.imaging.geometry import affine_spacing_and_directions, lps_to_ras, world_to_voxel
 
@@ -73,8 +77,6 @@ def load_volume(path_or_dir: str | Path, *, series_instance_uid: str | None = No
 
 def save_like(array: np.ndarray, reference: Volume, path: str | Path) -> Path:
     """Write ``array`` (e.g. a label map) as NIfTI on ``reference``'s grid: same shape, same affine (stored RAS)."""
-    import nibabel as nib
-
     array = np.asarray(array)
     if array.shape != reference.shape:
         raise ValueError(f"array shape {array.shape} does not match the reference volume {reference.shape}")
@@ -93,8 +95,6 @@ def save_like(array: np.ndarray, reference: Volume, path: str | Path) -> Path:
 
 
 def _read_itk(name: str | list[str]) -> Any:
-    import itk
-
     try:
         return itk.imread(name)
     except (RuntimeError, OSError) as error:  # ITK reports unreadable files as RuntimeError
@@ -102,8 +102,6 @@ def _read_itk(name: str | list[str]) -> Any:
 
 
 def _to_array_and_affine(image: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from monai.data import ITKReader
-
     dimension = image.GetImageDimension()
     components = image.GetNumberOfComponentsPerPixel()
     if dimension != 3 or components != 1:
@@ -121,8 +119,6 @@ def _read_dicom_series(folder: Path, series_instance_uid: str | None) -> tuple[A
     We read the headers with pydicom (rather than let ITK pick a series) to know which SOP instance is slice
     ``k`` — DICOM SR and SEG must reference it — and to choose a series explicitly when a folder holds several.
     """
-    import pydicom
-
     series: dict[str, list[tuple[Path, Any]]] = {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
