@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from monailabel_evlf.imaging.volume import load_volume
+
 if TYPE_CHECKING:
     from monailabel_evlf.app.serving import ServedModel
 
@@ -33,8 +35,6 @@ class DisagreementScoring(ScoringMethod):
         self.samples = samples
 
     def __call__(self, request: dict[str, Any], datastore) -> dict[str, Any]:
-        from monailabel_evlf.imaging.volume import load_volume
-
         label_tag = request.get("label_tag")
         scored = {}
         for image_id in datastore.get_unlabeled_images(label_tag):

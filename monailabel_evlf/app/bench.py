@@ -7,6 +7,9 @@ Two comparisons in one run, same model, same volume, same options:
    same grounding in-process, both including reading the volume from disk (target: HTTP <= 1.10x).
 
 Times are medians over ``--repeats`` runs after one warm-up run each.
+
+The model, imaging and HTTP imports are lazy (inside the functions that run the benchmark): ``evlf`` imports
+this module to register the sub-command, and ``evlf --help`` should not load monai and transformers.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from monailabel_evlf.app.commands import prepare_app_dir, server_command, server_env
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +45,6 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def bench_batching(pipeline, volume, batch_size: int, repeats: int) -> dict[str, float]:
     """slices/s of greedy grounding answers, one call per slice vs ``batch_size`` slices per call."""
-    from dataclasses import replace
-
     from monailabel_evlf.tasks.prompts import grounding_prompt
 
     _, slices = pipeline.render(volume)
@@ -121,8 +125,6 @@ def running_server(
 
     ``studies`` is a folder or a DICOMweb URL; ``env`` adds environment variables (MONAI Label settings)."""
     import requests
-
-    from monailabel_evlf.app.commands import prepare_app_dir, server_command, server_env
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

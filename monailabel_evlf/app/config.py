@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 from monailabel_evlf import paths
 from monailabel_evlf.app.security import TRAIN_METHODS, Limits
+from monailabel_evlf.imaging.windowing import MODEL_WINDOW, resolve_window, window_channels
 from monailabel_evlf.parsing import parse_bool
 from monailabel_evlf.tasks.labels import NORMAL_LABEL
 
@@ -100,8 +101,6 @@ class AppConfig:
 
     def window_for(self, backend: object) -> str:
         """The configured window, or for ``model`` the backend's ``input_window`` (what it was trained on)."""
-        from monailabel_evlf.imaging.windowing import resolve_window
-
         return resolve_window(self.window, getattr(backend, "input_window", None))
 
 
@@ -148,8 +147,6 @@ def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
 def check_window(option: str, value: str, modality: str) -> str:
     """``model`` (the window the model was trained with) or windows the imaging module understands: a CT preset,
     ``auto``, ``percentile[:lo,hi]`` or ``level,width``, one or three ``/``-separated (one per RGB channel)."""
-    from monailabel_evlf.imaging.windowing import MODEL_WINDOW, window_channels
-
     if value == MODEL_WINDOW:
         return value
     try:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from monailabel_evlf.app import outputs
 from monailabel_evlf.app.config import OUTPUTS, AppConfig
 from monailabel_evlf.app.security import scrub
 from monailabel_evlf.errors import BackendUnavailable
@@ -138,8 +139,6 @@ class GroundingTask(EVLFInferTask):
         self._config.update(output=list(OUTPUTS), target="")
 
     def run(self, volume, request):
-        from monailabel_evlf.app import outputs
-
         output = request.get("output", self.app_config.output)
         if output not in OUTPUTS:
             raise bad_request(f"'output' must be one of {', '.join(OUTPUTS)}; got {output!r}")

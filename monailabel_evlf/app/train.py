@@ -19,8 +19,15 @@ from typing import TYPE_CHECKING, Any
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from monailabel_evlf import paths
 from monailabel_evlf.app.config import AppConfig
+from monailabel_evlf.app.labels import read_label_boxes
 from monailabel_evlf.app.security import TRAIN_PARAMS, check_train_params, parse_bool, refuse
+from monailabel_evlf.imaging.volume import load_volume
+from monailabel_evlf.training import finetune
+from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, SFTConfig, config_from_dict
+from monailabel_evlf.training.learning_loop import load_learning_loop_config
+from monailabel_evlf.training.samples import SampleOptions, correction_samples
 
 if TYPE_CHECKING:
     from monailabel_evlf.app.serving import ServedModel
@@ -34,10 +41,6 @@ RECIPE = Path("training") / "learning-loop.yaml"  # under the configs folder
 def few_shot_recipe() -> dict[str, Any]:
     """The detector / SFT / GRPO stage configs of configs/training/learning-loop.yaml: the app trains on corrections
     with exactly the settings whose lift the learning-loop benchmark measures."""
-    from monailabel_evlf import paths
-    from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, SFTConfig, config_from_dict
-    from monailabel_evlf.training.learning_loop import load_learning_loop_config
-
     loop = load_learning_loop_config(paths.configs_dir() / RECIPE)
     return {
         "detector": config_from_dict(DetectorConfig, loop.detector or {}),
@@ -92,8 +95,6 @@ class EVLFTrainTask(TrainTask):
         }
 
     def sample_options(self):
-        from monailabel_evlf.training.samples import SampleOptions
-
         backend = self.served.backend
         size = (self.app_config.image_size, self.app_config.image_size)
         return SampleOptions(
@@ -106,10 +107,6 @@ class EVLFTrainTask(TrainTask):
 
     def collect_samples(self, datastore, label_tag: str) -> list:
         """Training samples from every image with a saved label under ``label_tag``, one study after another."""
-        from monailabel_evlf.app.labels import read_label_boxes
-        from monailabel_evlf.imaging.volume import load_volume
-        from monailabel_evlf.training.samples import correction_samples
-
         options = self.sample_options()
         samples = []
         for index, image_id in enumerate(sorted(datastore.get_labeled_images(label_tag))):
@@ -121,8 +118,6 @@ class EVLFTrainTask(TrainTask):
         return samples
 
     def __call__(self, request: dict[str, Any], datastore) -> dict[str, Any]:
-        from monailabel_evlf.training.finetune import finetune_adapter, method_stages
-
         started = time.perf_counter()
         self.check_can_train()
         # the server's route checked these before answering; checked again because this child trusts no one
@@ -152,14 +147,14 @@ class EVLFTrainTask(TrainTask):
         if self.app_config.detector_steps and getattr(served.backend, "has_proposals", False):
             # the model sees lesions only through its proposals: LoRA alone cannot reach what the detector misses
             detector = replace(recipe["detector"], steps=self.app_config.detector_steps)
-        stages = method_stages(
+        stages = finetune.method_stages(
             method,
             sft=replace(recipe["sft"], epochs=steps) if method == "sft" else recipe["sft"],
             grpo=replace(recipe["grpo"], steps=steps),
             detector=detector,
         )
         # trains this process's own model copy: the server process keeps serving until the pointer moves
-        result = finetune_adapter(
+        result = finetune.finetune_adapter(
             served.backend,
             train,
             held,
