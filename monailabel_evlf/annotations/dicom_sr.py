@@ -36,8 +36,15 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from monailabel_evlf.annotations.dicom_common import anatomy_concept, finding_concept, order_slices, slice_uids
-from monailabel_evlf.imaging.geometry import Box2D
+from monailabel_evlf.annotations.dicom_common import (
+    anatomy_concept,
+    finding_concept,
+    is_model_output,
+    order_slices,
+    slice_uids,
+)
+from monailabel_evlf.annotations.provenance import MODEL, BoxOrigin, match_origins, model_identity
+from monailabel_evlf.imaging.geometry import Box2D, VoxelBox
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,7 @@ class SliceFinding(NamedTuple):
     label: str
     score: float | None = None
     text: str = ""
+    origin: BoxOrigin | None = None  # set by read_sr_boxes: the model's, or a person's (None: not known)
 
 
 def _rectangle(box: Box2D) -> np.ndarray:
@@ -295,18 +303,28 @@ def _measurement_groups(sr: Dataset) -> list[Dataset]:
     ]
 
 
-def read_sr_boxes(sr_dataset: Dataset, series: Sequence[Dataset] | Sequence[str]) -> list[SliceFinding]:
-    """Every 2D region of a TID 1500 report (ours or OHIF's) as ``(k, Box2D, label, score, text)``.
+def read_sr_boxes(
+    sr_dataset: Dataset, series: Sequence[Dataset] | Sequence[str], model_report: Dataset | None = None
+) -> list[SliceFinding]:
+    """Every 2D region of a TID 1500 report (ours or OHIF's) as ``(k, Box2D, label, score, text, origin)``.
 
     ``series`` gives the slice order: the source series' datasets (ordered by :func:`order_slices`) or the
     SOPInstanceUID of each slice ``k`` (``Volume.meta["sop_instance_uids"]``). Regions on instances outside
     this series are skipped with a warning, as are 3D (SCOORD3D) regions; regions without an image reference
     raise ``ValueError``.
+
+    ``origin`` (:mod:`~monailabel_evlf.annotations.provenance`): in a report this package wrote, every box is
+    the model's (with its group's model id and adapter version). In anyone else's report (OHIF's "Create SR"),
+    given ``model_report`` (the study's newest AI SR), a box is "model, unchanged" when that report has a box
+    with the same label on the same instance with IoU >= 0.99, else "human"; without ``model_report`` it is
+    ``None`` (nothing in such a report links a box back to the model).
     """
     k_of = {uid: k for k, uid in enumerate(slice_uids(series))}
+    ours = is_model_output(sr_dataset)
     findings = []
     for group in _measurement_groups(sr_dataset):
         label, score, text = _group_text(group)
+        origin = BoxOrigin(MODEL, *model_identity(group), iou=1.0) if ours else None
         seen = set()
         for item in _walk(group):
             if item.ValueType == "SCOORD3D":
@@ -334,8 +352,19 @@ def read_sr_boxes(sr_dataset: Dataset, series: Sequence[Dataset] | Sequence[str]
                 continue
             x1, y1, x2, y2 = (float(v) for v in bounds)
             box = Box2D(x1=x1, y1=y1, x2=x2, y2=y2, label=label, score=score)
-            findings.append(SliceFinding(k=k_of[uid], box=box, label=label, score=score, text=text))
+            findings.append(SliceFinding(k=k_of[uid], box=box, label=label, score=score, text=text, origin=origin))
+    if model_report is not None and not ours:
+        model_findings = read_sr_boxes(model_report, series)
+        name, version = model_identity(model_report)
+        origins = match_origins([_slab(f) for f in findings], [_slab(f) for f in model_findings], name, version)
+        findings = [f._replace(origin=o) for f, o in zip(findings, origins, strict=True)]
     return findings
+
+
+def _slab(finding: SliceFinding) -> VoxelBox:
+    """A rectangle on slice ``k`` as the one-slice voxel box it outlines (what provenance compares)."""
+    box = finding.box
+    return VoxelBox(lo=(box.x1, box.y1, finding.k), hi=(box.x2, box.y2, finding.k + 1), label=finding.label)
 
 
 def read_sr_summary(sr_dataset: Dataset) -> tuple[list[str], str]:

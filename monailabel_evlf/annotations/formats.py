@@ -29,6 +29,7 @@ from pydicom import Dataset
 from monailabel_evlf.annotations.dicom_seg import read_segmentation_boxes, write_segmentation
 from monailabel_evlf.annotations.dicom_sr import SliceFinding, read_sr_boxes, write_measurement_report
 from monailabel_evlf.annotations.labelmaps import boxes_to_labelmap, label_values, labelmap_to_boxes, save_labelmap
+from monailabel_evlf.annotations.provenance import HUMAN, BoxOrigin, match_origins, model_identity
 from monailabel_evlf.annotations.slicer_markups import read_roi_markups, write_roi_markups
 from monailabel_evlf.app.security import Limits, check_volume_file
 from monailabel_evlf.imaging.geometry import Box2D, VoxelBox, voxel_box_to_world, world_box_to_voxel
@@ -93,6 +94,7 @@ class AnnotationFormat:
     write: Callable[[Annotation, Path], dict[str, Any]] | None = None
     encode: Callable[[Annotation], Dataset] | None = None
     modality: str | None = None  # DICOM Modality: tells formats sharing ``.dcm`` apart
+    decode: Callable[[Dataset, Volume], list[VoxelBox]] | None = None  # DICOM formats: ``read`` of a dataset
 
 
 # -- 3D Slicer ROI markups JSON ----------------------------------------------------------------------------------
@@ -254,9 +256,12 @@ def _encode_sr(annotation: Annotation) -> Dataset:
     )
 
 
+def _decode_sr(dataset: Dataset, volume: Volume) -> list[VoxelBox]:
+    return [slice_finding_to_box(f) for f in read_sr_boxes(dataset, _slice_uids(volume))]
+
+
 def _read_sr(path: Path, volume: Volume, names: Mapping[int, str] | None = None) -> list[VoxelBox]:
-    uids = _slice_uids(volume)
-    return [slice_finding_to_box(f) for f in read_sr_boxes(pydicom.dcmread(path), uids)]
+    return _decode_sr(pydicom.dcmread(path), volume)
 
 
 def _encode_seg(annotation: Annotation) -> Dataset:
@@ -269,9 +274,12 @@ def _encode_seg(annotation: Annotation) -> Dataset:
     )
 
 
+def _decode_seg(dataset: Dataset, volume: Volume) -> list[VoxelBox]:
+    return read_segmentation_boxes(dataset, _slice_uids(volume))
+
+
 def _read_seg(path: Path, volume: Volume, names: Mapping[int, str] | None = None) -> list[VoxelBox]:
-    uids = _slice_uids(volume)
-    return read_segmentation_boxes(pydicom.dcmread(path), uids)
+    return _decode_seg(pydicom.dcmread(path), volume)
 
 
 DICOM_SR = AnnotationFormat(
@@ -280,6 +288,7 @@ DICOM_SR = AnnotationFormat(
     suffixes=(".dcm",),
     modality="SR",
     encode=_encode_sr,
+    decode=_decode_sr,
     read=_read_sr,
     check=_check_dicom,
 )
@@ -289,6 +298,7 @@ DICOM_SEG = AnnotationFormat(
     suffixes=(".dcm",),
     modality="SEG",
     encode=_encode_seg,
+    decode=_decode_seg,
     read=_read_seg,
     check=_check_dicom,
 )
@@ -332,16 +342,35 @@ def format_of(path: str | os.PathLike[str]) -> AnnotationFormat:
         modality = pydicom.dcmread(path, stop_before_pixels=True).get("Modality")
     except Exception:  # pydicom raises several error types on truncated files
         raise LabelRefused("unreadable DICOM label") from None
-    for fmt in candidates:
-        if fmt.modality == modality:
-            return fmt
-    wanted = " or ".join(str(f.modality) for f in candidates)
-    raise LabelRefused(f"a DICOM label must be an {wanted}, got modality {modality!r}")
+    return for_modality(modality)
 
 
 def read_boxes(path: str | os.PathLike[str], volume: Volume, names: Mapping[int, str] | None = None) -> list[VoxelBox]:
     """The voxel boxes of a saved label of any format on ``volume``; ``ValueError`` when it cannot be read."""
     return format_of(path).read(Path(path), volume, names)
+
+
+def for_modality(modality: str | None) -> AnnotationFormat:
+    """The DICOM format of a Modality (``SR`` / ``SEG``); :class:`LabelRefused` for any other."""
+    for fmt in FORMATS:
+        if fmt.modality is not None and fmt.modality == modality:
+            return fmt
+    wanted = " or ".join(str(f.modality) for f in FORMATS if f.modality)
+    raise LabelRefused(f"a DICOM label must be an {wanted}, got modality {modality!r}")
+
+
+def box_origins(
+    path: str | os.PathLike[str], volume: Volume, model_output: Dataset | None
+) -> list[tuple[VoxelBox, BoxOrigin]]:
+    """Each box of a correction with its origin (:mod:`~monailabel_evlf.annotations.provenance`): "model" when
+    ``model_output`` (the newest AI SR / SEG of the study) has it with the same label at IoU >= 0.99 on the same
+    slices, with that output's model id and adapter version, else "human" (all of them without a model output)."""
+    boxes = read_boxes(path, volume)
+    if model_output is None:
+        return [(box, BoxOrigin(HUMAN)) for box in boxes]
+    model_boxes = for_modality(model_output.get("Modality")).decode(model_output, volume)
+    origins = match_origins(boxes, model_boxes, *model_identity(model_output))
+    return list(zip(boxes, origins, strict=True))
 
 
 def check_label(path: str | os.PathLike[str], against: LabelCheck) -> AnnotationFormat:

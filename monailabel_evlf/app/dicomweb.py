@@ -20,9 +20,11 @@ import pydicom
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 
+from monailabel_evlf.annotations import formats
 from monailabel_evlf.annotations.dicom_common import is_model_output
 from monailabel_evlf.annotations.dicom_seg import write_segmentation
-from monailabel_evlf.app.datastore import check_label_file, label_suffix
+from monailabel_evlf.annotations.provenance import MODEL, model_identity, summary
+from monailabel_evlf.app.datastore import check_label_file
 from monailabel_evlf.app.security import Limits, check_id, check_json_object, check_tag, refuse
 from monailabel_evlf.atomic import write_atomic
 from monailabel_evlf.imaging.volume import load_volume
@@ -59,17 +61,19 @@ def dicomweb_datastore(url: str, targets: Sequence[str] = (), limits: Limits = L
 
 
 IMAGE_LESS_MODALITIES = {"SR", "SEG", "KO", "PR", "RTSTRUCT", "DOC", "OT"}
-LABEL_MODALITIES = ("SR", "SEG")
+LABEL_MODALITIES = tuple(str(f.modality) for f in formats.FORMATS if f.modality)  # SR, SEG
 FINAL = "final"
 
 
 class Correction(NamedTuple):
-    """A person's SR / SEG in the DICOMweb server and the image series it annotates."""
+    """An SR / SEG in the DICOMweb server (a person's correction, or the app's AI output) and the image series it
+    annotates."""
 
     study_uid: str
     series_uid: str
     image_series_uid: str
     when: str  # SeriesDate + SeriesTime (or Content / Instance Creation), for picking the newest
+    modality: str = ""  # SR or SEG
 
 
 def _when(ds: pydicom.Dataset) -> str:
@@ -115,6 +119,10 @@ class EVLFDICOMwebDatastore(DICOMWebDatastore):
       so training reads an SR / SEG, never the image series.
     - ``save_label`` checks the label (4xx with the reason) and stores it in the study through STOW-RS:
       an SR / SEG as it is, Slicer markups / label maps as a MANUAL DICOM SEG of their boxes.
+    - Per box of a correction, where it came from (:meth:`label_provenance`): "model" when the reader left it as
+      the study's newest AI output of the same kind drew it (same label, IoU >= 0.99 on the same slices; with that
+      output's model id and adapter version), else "human". ``get_label_info`` returns it, and reading a label for
+      training logs it.
     QIDO answers are not cached for hours as in MONAI Label (a saved correction counts at once); the metadata of
     an SR / SEG series, which never changes, is.
     """
@@ -125,6 +133,7 @@ class EVLFDICOMwebDatastore(DICOMWebDatastore):
         self.limits = limits
         self._meta: dict[str, pydicom.Dataset | None] = {}
         self._instances: dict[str, set[str]] = {}
+        self._provenance: dict[tuple[str, ...], dict[str, Any]] = {}
 
     # -- images ------------------------------------------------------------------------------------------------
 
@@ -176,8 +185,8 @@ class EVLFDICOMwebDatastore(DICOMWebDatastore):
                 return uid
         return None
 
-    def corrections(self) -> list[Correction]:
-        """Every person's SR / SEG on an image series of this datastore, oldest first."""
+    def _annotation_series(self) -> list[tuple[Correction, bool]]:
+        """Every SR / SEG on an image series of this datastore, oldest first, and whether it is the app's AI output."""
         images = set(self.list_images())
         found = []
         for modality in LABEL_MODALITIES:
@@ -185,14 +194,23 @@ class EVLFDICOMwebDatastore(DICOMWebDatastore):
                 head = pydicom.Dataset.from_json(item)
                 study_uid, series_uid = str(head.StudyInstanceUID), str(head.SeriesInstanceUID)
                 meta = self._series_meta(study_uid, series_uid)
-                if meta is None or is_model_output(meta):
+                if meta is None:
                     continue
                 image = self._image_series_of(meta, study_uid, images)
                 if image is None:
                     logger.info("label series %s references no image series of this datastore; ignored", series_uid)
                     continue
-                found.append(Correction(study_uid, series_uid, image, _when(meta) or _when(head)))
-        return sorted(found, key=lambda c: c.when)
+                when = _when(meta) or _when(head)
+                found.append((Correction(study_uid, series_uid, image, when, modality), is_model_output(meta)))
+        return sorted(found, key=lambda pair: pair[0].when)
+
+    def corrections(self) -> list[Correction]:
+        """Every person's SR / SEG on an image series of this datastore, oldest first."""
+        return [c for c, ai in self._annotation_series() if not ai]
+
+    def model_outputs(self) -> list[Correction]:
+        """Every AI SR / SEG the app stored on an image series of this datastore, oldest first."""
+        return [c for c, ai in self._annotation_series() if ai]
 
     def _newest(self, image_id: str) -> Correction | None:
         mine = [c for c in self.corrections() if c.image_series_uid == image_id]
@@ -206,27 +224,85 @@ class EVLFDICOMwebDatastore(DICOMWebDatastore):
     def get_unlabeled_images(self, label_tag: str | None = None, labels: Sequence[str] | None = None) -> list[str]:
         return sorted(set(self.list_images()) - set(self.get_labeled_images()))
 
+    def _retrieve(self, series: Correction) -> pydicom.Dataset:
+        return max(self._client.retrieve_series(series.study_uid, series.series_uid), key=_when)
+
+    def _download(self, label_id: str, correction: Correction) -> str:
+        folder = Path(self._datastore.label_path(FINAL))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{label_id}.dcm"
+        buffer = io.BytesIO()
+        self._retrieve(correction).save_as(buffer, write_like_original=False)
+        write_atomic(path, buffer.getvalue())
+        return str(path)
+
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
-        """The newest correction of image ``label_id`` (label ids are image ids, as in the local datastore)."""
+        """The newest correction of image ``label_id`` (label ids are image ids, as in the local datastore); logs
+        which of its boxes the reader left as the model drew them (:meth:`label_provenance`)."""
         check_id(label_id, "label id")
         if check_tag(label_tag) != FINAL:
             return ""
         correction = self._newest(label_id)
         if correction is None:
             return ""
-        datasets = self._client.retrieve_series(correction.study_uid, correction.series_uid)
-        newest = max(datasets, key=_when)
-        folder = Path(self._datastore.label_path(FINAL))
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{label_id}.dcm"
-        buffer = io.BytesIO()
-        newest.save_as(buffer, write_like_original=False)
-        write_atomic(path, buffer.getvalue())
-        return str(path)
+        path = self._download(label_id, correction)
+        provenance = self._provenance_of(label_id, correction, path)
+        logger.info(
+            "correction %s of %s: %s",
+            correction.series_uid,
+            label_id,
+            provenance.get("summary") or provenance.get("error"),
+        )
+        return path
+
+    def label_provenance(self, image_id: str) -> dict[str, Any]:
+        """Per box of the newest correction of ``image_id``, where it came from ({} when there is none).
+
+        ``{"model_output": {series_uid, model, adapter_version} | None, "boxes": [{label, lo, hi, source, model,
+        adapter_version, iou}], "model_unchanged": n, "human": m, "summary": "..."}``: a box is ``source: "model"``
+        when the newest AI output of the same kind (SR for an SR, SEG for a SEG) has a box with the same label at
+        IoU >= 0.99 on the same slices, else ``"human"``. Model boxes a reader left in place still count as
+        training targets: leaving them is the reader's confirmation."""
+        correction = self._newest(check_id(image_id, "image id"))
+        if correction is None:
+            return {}
+        return self._provenance_of(image_id, correction, self._download(image_id, correction))
+
+    def _provenance_of(self, image_id: str, correction: Correction, path: str) -> dict[str, Any]:
+        outputs = [m for m in self.model_outputs() if m.image_series_uid == image_id]
+        model = next((m for m in reversed(outputs) if m.modality == correction.modality), None)
+        key = (correction.series_uid, correction.when, model.series_uid if model else "", model.when if model else "")
+        if key in self._provenance:
+            return self._provenance[key]
+        try:
+            model_output = self._retrieve(model) if model else None
+            volume = load_volume(self.get_image_uri(image_id))
+            origins = formats.box_origins(path, volume, model_output)
+        except Exception as exc:  # provenance is information: it never stops training or listing
+            logger.warning("cannot tell the origin of the boxes of correction %s: %s", correction.series_uid, exc)
+            return {"error": f"cannot tell the origin of the boxes: {_first_line(exc)}"}
+        identity = model_identity(model_output) if model_output is not None else None
+        kept = sum(origin.source == MODEL for _, origin in origins)
+        result = {
+            "model_output": {"series_uid": model.series_uid, "model": identity[0], "adapter_version": identity[1]}
+            if model and identity
+            else None,
+            "boxes": [
+                {"label": box.label, "lo": box.lo.tolist(), "hi": box.hi.tolist(), **origin.as_dict()}
+                for box, origin in origins
+            ],
+            "model_unchanged": kept,
+            "human": len(origins) - kept,
+            "summary": summary([origin for _, origin in origins]),
+        }
+        self._provenance[key] = result
+        return result
 
     def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
         correction = self._newest(check_id(label_id, "label id")) if check_tag(label_tag) == FINAL else None
-        return correction._asdict() if correction else {}
+        if correction is None:
+            return {}
+        return {**correction._asdict(), "provenance": self.label_provenance(label_id)}
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         return [
@@ -243,9 +319,9 @@ class EVLFDICOMwebDatastore(DICOMWebDatastore):
         check_json_object(dict(label_info or {}), "label params", self.limits)
         image_dir = self.get_image_uri(image_id)
         volume = load_volume(image_dir)
-        if label_suffix(label_filename) == ".dcm":
+        if self._format_of(label_filename).modality is not None:  # an SR / SEG is stored as it is
             dataset = self._checked_dicom(label_filename, volume)
-        else:
+        else:  # a file format's boxes are stored as a MANUAL SEG
             check_label_file(label_filename, "", self.targets, self.limits)
             boxes = self._checked_boxes(label_filename, volume)
             series = [pydicom.dcmread(p) for p in sorted(Path(image_dir).rglob("*")) if p.is_file()]
@@ -260,6 +336,13 @@ class EVLFDICOMwebDatastore(DICOMWebDatastore):
         self._meta.pop(str(dataset.SeriesInstanceUID), None)
         logger.info("correction of %s stored: %s series %s", image_id, dataset.Modality, dataset.SeriesInstanceUID)
         return image_id
+
+    @staticmethod
+    def _format_of(label_filename: str) -> formats.AnnotationFormat:
+        try:
+            return formats.format_of(label_filename)
+        except formats.LabelRefused as exc:
+            raise refuse(exc.status, str(exc)) from None
 
     def _checked_boxes(self, label_filename: str, volume: Any) -> list:
         from monailabel_evlf.app.labels import read_label_boxes
@@ -285,9 +368,10 @@ class EVLFDICOMwebDatastore(DICOMWebDatastore):
             dataset = pydicom.dcmread(label_filename)
         except Exception:  # pydicom raises several error types on truncated files
             raise refuse(422, "unreadable DICOM label") from None
-        modality = dataset.get("Modality")
-        if modality not in LABEL_MODALITIES:
-            raise refuse(422, f"a DICOM label must be an SR or SEG, got modality {modality!r}")
+        try:
+            formats.for_modality(dataset.get("Modality"))
+        except formats.LabelRefused as exc:
+            raise refuse(exc.status, str(exc)) from None
         if is_model_output(dataset):
             raise refuse(422, "this is the app's own AI output, not a correction: edit it (e.g. in OHIF) and save anew")
         study = volume.meta.get("study_instance_uid") or self._study_of(volume)

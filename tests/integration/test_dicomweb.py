@@ -20,6 +20,7 @@ from dicomweb_client import DICOMwebClient
 from monailabel_evlf.annotations.dicom_common import is_model_output
 from monailabel_evlf.annotations.dicom_seg import read_segmentation_boxes
 from monailabel_evlf.annotations.dicom_sr import read_sr_boxes
+from monailabel_evlf.annotations.provenance import model_identity
 from monailabel_evlf.annotations.slicer_markups import write_roi_markups
 from monailabel_evlf.app.bench import running_server
 from monailabel_evlf.data.phantoms import write_sample_dataset
@@ -192,19 +193,24 @@ def test_saved_markups_become_a_manual_seg_correction(server, orthanc, phantoms,
     assert response.status_code in (200, 404) and response.json().get("id") != image, response.text
 
 
+MOVED = 2.0  # columns the reader of the OHIF-style SR below moved its first box by
+
+
 @pytest.mark.filterwarnings("ignore:The value length")  # OHIF's 19-character free-text code value
 def test_an_ohif_style_enhanced_sr_is_stored_as_the_newest_correction(server, orthanc, phantoms, tmp_path):
     """An Enhanced SR laid out as OHIF 3.x writes it (label in a free-text Finding Site code; built by the
-    hand-made fixture of tests/annotations/test_dicom_sr.py, not by a running OHIF) is taken as a correction."""
+    hand-made fixture of tests/annotations/test_dicom_sr.py, not by a running OHIF) is taken as a correction.
+    The reader left two of the AI boxes as they were and moved the first one: the label info says which."""
     from tests.annotations.test_dicom_sr import ENHANCED_SR, ohif_sr
 
     root, sidecar = phantoms
     image = sidecar["dicom"]["series_instance_uid"]
     series = [pydicom.dcmread(p) for p in sorted((root / "dicom").rglob("*.dcm"))]
     groups = []
-    for lesion in sidecar["lesions"]:
+    for n, lesion in enumerate(sidecar["lesions"]):
         lo, hi = lesion["voxel_box"]["lo"], lesion["voxel_box"]["hi"]
-        x1, y1, x2, y2 = float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+        dx = MOVED if n == 0 else 0.0
+        x1, y1, x2, y2 = float(lo[0]) + dx, float(lo[1]), float(hi[0]) + dx, float(hi[1])
         rectangle = [x1, y1, x2, y1, x2, y2, x1, y2, x1, y1]
         groups.append(((lo[2] + hi[2]) // 2, "POLYLINE", rectangle, lesion["label"]))
     sr = ohif_sr(series, groups, site_scheme="CORNERSTONEJS", sop_class=ENHANCED_SR)
@@ -216,8 +222,33 @@ def test_an_ohif_style_enhanced_sr_is_stored_as_the_newest_correction(server, or
     study_uid = sidecar["dicom"]["study_instance_uid"]
     people = [ds for ds in _stored_series(orthanc, study_uid, "SR") if not is_model_output(ds)]
     assert [str(ds.SOPInstanceUID) for ds in people] == [str(sr.SOPInstanceUID)]
-    got = {(f.k, f.box.x1, f.box.y1, f.box.x2, f.box.y2, f.label) for f in read_sr_boxes(people[0], series)}
+    moved_label = sidecar["lesions"][0]["label"]
+    got = set()
+    for f in read_sr_boxes(people[0], series):
+        dx = MOVED if f.label == moved_label else 0.0
+        got.add((f.k, f.box.x1 - dx, f.box.y1, f.box.x2 - dx, f.box.y2, f.label))
     assert got == _truth_on_central_slices(sidecar)
+
+    # per box: which the reader left as the model drew them (matched against the newest AI SR), which they moved
+    info = requests.get(f"{server}/datastore/label/info", params={"label": image, "tag": "final"}, timeout=300)
+    assert info.status_code == 200, info.text
+    provenance = info.json()["provenance"]
+    ai_srs = [ds for ds in _stored_series(orthanc, study_uid, "SR") if is_model_output(ds)]
+    newest_ai = max(ai_srs, key=lambda ds: f"{ds.ContentDate}{ds.ContentTime}")
+    model, version = model_identity(newest_ai)
+    assert model and version
+    assert provenance["model_output"] == {
+        "series_uid": str(newest_ai.SeriesInstanceUID),
+        "model": model,
+        "adapter_version": version,
+    }
+    by_label = {box["label"]: box for box in provenance["boxes"]}
+    assert by_label[moved_label]["source"] == "human" and by_label[moved_label]["iou"] < 0.99
+    for lesion in sidecar["lesions"][1:]:
+        box = by_label[lesion["label"]]
+        assert (box["source"], box["model"], box["adapter_version"]) == ("model", model, version), box
+        assert box["iou"] >= 0.99
+    assert (provenance["model_unchanged"], provenance["human"]) == (2, 1), provenance
 
 
 @pytest.fixture(scope="module")
@@ -243,5 +274,9 @@ def test_training_reads_the_correction_from_orthanc(tiny_server, phantoms):
     details = "\n".join(status.get("details", []))
     assert status["status"] == "DONE", details[-3000:]
     assert "unsupported label file" not in details
+    # the training log says which boxes of the correction are the reader's acceptance of model boxes
+    assert "3 boxes: 2 left as the model drew them (" in details and "1 drawn or changed by a reader" in details, (
+        details[-3000:]
+    )
     stats = requests.get(f"{tiny_server}/info/", timeout=30).json()["train_stats"]["evlf_train"]
     assert stats["adapter_versions"] == ["v0001"], stats
