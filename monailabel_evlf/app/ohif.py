@@ -112,9 +112,50 @@ EVLF_CUSTOMIZATIONS = """
 """.replace("__MANUFACTURER__", json.dumps(MANUFACTURER))
 
 
+# With --conf auth_token_file every DICOMweb call through /proxy/dicom needs "Authorization: Bearer <token>".
+# OHIF 3 sends what its userAuthenticationService returns; its own ?token= parameter is read by the viewer route
+# only (routes/Mode), so the study list would still get 401. This sets the service up for every page, through an
+# inline extension's preRegistration (run before OHIF's first request): the token comes from ?token= or
+# #token= (the fragment never reaches a server log), is kept for this browser tab (sessionStorage) and is taken
+# out of the address bar at once.
+EVLF_TOKEN = """
+// EVLF (monailabel-evlf): open OHIF as /ohif/?token=<token> (or /ohif/#token=<token>) on a server with token auth.
+(function () {
+  const KEY = 'evlf-token';
+  const url = new URL(window.location.href);
+  const fragment = new URLSearchParams(url.hash.slice(1));
+  let token = null;
+  [...url.searchParams.keys()].filter(k => k.toLowerCase() === 'token').forEach(k => {
+    token = url.searchParams.get(k);
+    url.searchParams.delete(k);
+  });
+  if (fragment.get('token')) {
+    token = fragment.get('token');
+    fragment.delete('token');
+    url.hash = fragment.toString();
+  }
+  if (token) {
+    sessionStorage.setItem(KEY, token);
+    window.history.replaceState(window.history.state, '', url.toString());
+  }
+  if (!sessionStorage.getItem(KEY)) return;
+  const extension = {
+    id: 'evlf-token',
+    preRegistration: ({ servicesManager }) => {
+      servicesManager.services.userAuthenticationService.setServiceImplementation({
+        getAuthorizationHeader: () => ({ Authorization: 'Bearer ' + sessionStorage.getItem(KEY) }),
+      });
+    },
+  };
+  window.config.extensions = (window.config.extensions || []).concat([extension]);
+})();
+"""
+
+
 def app_config() -> str:
-    """MONAI Label's OHIF configuration (its DICOMweb proxy roots) with the EVLF customizations appended."""
-    return (OHIF_DIR / "app-config.js").read_text() + "\n" + EVLF_CUSTOMIZATIONS
+    """MONAI Label's OHIF configuration (its DICOMweb proxy roots) with the EVLF customizations and the token
+    hand-over appended (no secret in it: the browser brings the token)."""
+    return (OHIF_DIR / "app-config.js").read_text() + "\n" + EVLF_CUSTOMIZATIONS + EVLF_TOKEN
 
 
 def ohif_file(path: str) -> Path:

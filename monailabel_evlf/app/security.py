@@ -82,6 +82,7 @@ class Limits:
     max_text_chars: int = 2000
     max_rois: int = 256
     max_train_steps: int = 1000
+    upload_timeout_s: int = 300
 
 
 def scrub(text: str) -> str:
@@ -288,14 +289,41 @@ def copy_limited(source: BinaryIO, destination: Path, limit: int) -> int:
     return total
 
 
+UPLOAD_PREFIX = "evlf-upload-"
+
+
 @contextmanager
 def upload_dir() -> Iterator[Path]:
-    """A private temp folder for one request's uploads, removed on every path out."""
-    folder = Path(tempfile.mkdtemp(prefix="evlf-upload-"))
+    """A private temp folder for one request's uploads, removed on every path out. Its name carries the server's
+    pid, so a server starting after a kill -9 can tell its dead predecessor's folders (:func:`remove_stale_uploads`)
+    from those of another server sharing the temp folder."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-"))
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_uploads(folder: str | os.PathLike[str] | None = None) -> int:
+    """Remove the upload folders of servers that are no longer running (a kill -9 mid-upload leaves one); a
+    live server's folders, and folders of other programs, are left alone. The number removed."""
+    removed = 0
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{UPLOAD_PREFIX}*-*"):
+        pid = path.name[len(UPLOAD_PREFIX) :].split("-", 1)[0]
+        if path.is_dir() and not path.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def check_train_params(params: dict[str, Any], config: Any, limits: Limits) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jwt
+import nibabel as nib
+import numpy as np
 import requests
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
@@ -45,11 +48,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from monailabel_evlf.app.config import AppConfig
+from monailabel_evlf.app.config import AppConfig, ConfigError
 from monailabel_evlf.app.datastore import label_suffix
 from monailabel_evlf.app.dicomweb import EVLFDICOMwebDatastore
 from monailabel_evlf.app.ohif import ohif_router
 from monailabel_evlf.app.security import (
+    Limits,
     check_id,
     check_json_object,
     check_tag,
@@ -60,11 +64,13 @@ from monailabel_evlf.app.security import (
     parse_json_object,
     read_stow_body,
     refuse,
+    remove_stale_uploads,
     scrub,
     stow_boundary,
     upload_dir,
     volume_suffix,
 )
+from monailabel_evlf.imaging.volume import load_volume  # imports ITK on its first read (warm_imaging)
 
 if TYPE_CHECKING:
     from monailabel.interfaces.app import MONAILabelApp
@@ -77,6 +83,11 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 BLOCKED_PREFIXES = ("/batch/", "/infer/wsi", "/wsi_infer", "/reload", "/model/")
 LOG_PREFIX = "/logs"
 OPEN_PATHS = {("GET", "/auth/"), ("POST", "/auth/token"), ("GET", "/favicon.ico")}
+# OHIF's own files (its build and app-config.js; no study data) load without the token, so the browser can start
+# OHIF and OHIF then sends the token on its DICOMweb calls (app/ohif.py); every /proxy/dicom call needs it
+OHIF_PREFIX = "/ohif"
+# --conf options of the server itself (not of the model / pipeline), read by :func:`server_options`
+SERVER_OPTIONS = {"upload_timeout_s": Limits.upload_timeout_s}
 TOKEN_HOURS = 12
 _MULTIPART_SLACK = 1 << 20
 _ERROR_BODY_MAX = 1 << 16
@@ -163,8 +174,11 @@ def _hostname(value: str) -> str:
 class Guard:
     """Outermost ASGI layer: refuses what must never reach MONAI Label's routes, and keeps error bodies clean."""
 
-    def __init__(self, inner: ASGIApp, config: AppConfig, auth: TokenAuth | None) -> None:
+    def __init__(
+        self, inner: ASGIApp, config: AppConfig, auth: TokenAuth | None, upload_timeout_s: float | None = None
+    ) -> None:
         self.inner = inner
+        self.upload_timeout_s = upload_timeout_s or Limits.upload_timeout_s
         self.auth = auth
         self.extra_origins = {o.rstrip("/") for o in config.cors_origins}
         self.extra_hosts = {_hostname(o.split("://", 1)[-1].rstrip("/")) for o in config.cors_origins}
@@ -195,7 +209,9 @@ class Guard:
         authenticated = self.auth is not None or settings.MONAI_LABEL_AUTH_ENABLE
         if not _is_loopback(client) and not authenticated:
             return 403, "only loopback clients are served unless authentication is on (docs/security.md)"
-        open_path = (method, path) in OPEN_PATHS or method == "OPTIONS"
+        ohif = settings.MONAI_LABEL_API_STR + OHIF_PREFIX
+        ohif_file = method in ("GET", "HEAD") and (path == ohif or path.startswith(ohif + "/"))
+        open_path = (method, path) in OPEN_PATHS or method == "OPTIONS" or ohif_file
         if self.auth is not None and not open_path and self.auth.user(headers.get("authorization")) is None:
             return 401, "authentication required: POST /auth/token, then send Authorization: Bearer <token>"
         if method in ("POST", "PUT", "PATCH"):
@@ -216,7 +232,47 @@ class Guard:
         if refused is not None:
             await _send_json(send, refused[0], {"detail": refused[1]})
             return
-        await self.inner(scope, receive, _CleanErrors(send))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.inner(scope, receive, _CleanErrors(send))
+            return
+        body = _BodyDeadline(receive, self.upload_timeout_s)
+        try:
+            await self.inner(scope, body, _CleanErrors(send, body))
+        except Exception:
+            if not body.expired:
+                raise
+            # the route gave up on the body it was reading (ClientDisconnect); the 408 has been sent
+        if body.expired:
+            what = f"{scope['method']} {scope['path'][:80]}"
+            logger.warning("%s: request body not received within %g s (--conf upload_timeout_s)", what, body.seconds)
+
+
+class _BodyDeadline:
+    """``receive`` for one request with a body: the whole body must arrive within ``seconds`` of the request's
+    start, or the route sees the client disconnect (and :class:`_CleanErrors` answers 408). A slow-loris upload
+    therefore holds no worker past the limit. Once the body is complete, ``receive`` is passed through untimed
+    (Starlette listens on it for disconnects while a response streams)."""
+
+    def __init__(self, receive: Receive, seconds: float) -> None:
+        self.receive = receive
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.complete = False
+        self.expired = False
+
+    async def __call__(self) -> Message:
+        if self.complete:
+            return await self.receive()
+        if self.expired:
+            return {"type": "http.disconnect"}
+        try:
+            message = await asyncio.wait_for(self.receive(), max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            self.expired = True
+            return {"type": "http.disconnect"}
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.complete = True
+        return message
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
@@ -232,14 +288,15 @@ class _CleanErrors:
     """``send`` for one response: a 4xx body (and a deliberate 502 / 503 / 504) loses server paths, a 500 body
     becomes one generic line (the log keeps the traceback)."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, body: _BodyDeadline | None = None) -> None:
         self.send = send
+        self.request_body = body
         self.start: Message | None = None
         self.body = b""
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            if message["status"] < 400:
+            if message["status"] < 400 and not self.expired:
                 await self.send(message)
             else:
                 self.start = message
@@ -251,7 +308,11 @@ class _CleanErrors:
         if message.get("more_body"):
             return
         status = self.start["status"]
-        if status == 500:
+        if self.expired:
+            status = 408
+            seconds = self.request_body.seconds if self.request_body else 0
+            data = {"detail": f"the request body did not arrive within {seconds:g} s (--conf upload_timeout_s)"}
+        elif status == 500:
             data = {"detail": "internal server error; the server log has the details"}
         else:
             try:
@@ -262,8 +323,14 @@ class _CleanErrors:
         body = json.dumps(data).encode()
         headers = [(k, v) for k, v in self.start["headers"] if k.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await self.send({**self.start, "headers": headers})
+        if status == 408:
+            headers.append((b"connection", b"close"))
+        await self.send({**self.start, "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
+
+    @property
+    def expired(self) -> bool:
+        return self.request_body is not None and self.request_body.expired
 
 
 # -- the inference deadline ---------------------------------------------------------------------------------------
@@ -670,11 +737,39 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
     return router
 
 
-def install(instance: MONAILabelApp, config: AppConfig) -> None:
+def server_options(conf: dict[str, str]) -> tuple[dict[str, str], dict[str, int]]:
+    """The ``--conf`` options the server itself reads (:data:`SERVER_OPTIONS`), split from the app's."""
+    rest = {k: v for k, v in conf.items() if k not in SERVER_OPTIONS}
+    options = dict(SERVER_OPTIONS)
+    for key in SERVER_OPTIONS.keys() & conf.keys():
+        value = str(conf[key]).strip()
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(key, f"expected a whole number of seconds >= 1, got {value!r}")
+        options[key] = int(value)
+    return rest, options
+
+
+def warm_imaging() -> None:
+    """Read a tiny NIfTI once, so ITK's first import (seconds of C++ module loading that holds the GIL, so
+    no other thread, not even the one answering 504 at ``infer_timeout_s``, runs meanwhile) happens before
+    the server answers, not inside the first request's deadline."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="evlf-warm-") as folder:
+        path = Path(folder) / "warm.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4)), str(path))
+        load_volume(path)
+    logger.info("imaging warmed up in %.1f s (ITK loaded before the first request)", time.monotonic() - started)
+
+
+def install(instance: MONAILabelApp, config: AppConfig, upload_timeout_s: int | None = None) -> None:
     """Guard the running MONAI Label server, if this process is one (the train child and tests are not)."""
     web = sys.modules.get("monailabel.app")
     if web is None or getattr(web.app.state, "evlf_guarded", False):
         return
+    removed = remove_stale_uploads()
+    if removed:
+        logger.warning("removed %d upload folder(s) left by a server that was killed mid-upload", removed)
+    warm_imaging()
     app: FastAPI = web.app
     auth = load_auth(config)
     served = getattr(instance, "served", None)
@@ -685,7 +780,7 @@ def install(instance: MONAILabelApp, config: AppConfig) -> None:
     _move_to_front(app, guarded_router(instance, config))
     _move_to_front(app, ohif_router())  # OHIF files served right, EVLF SR text shown (app/ohif.py)
     stack = app.middleware_stack or app.build_middleware_stack()
-    app.middleware_stack = Guard(stack, config, auth)
+    app.middleware_stack = Guard(stack, config, auth, upload_timeout_s)
     app.state.evlf_guarded = True
     mode = "token" if auth else "MONAI Label" if settings.MONAI_LABEL_AUTH_ENABLE else "off"
     logger.info("EVLF guard installed (auth: %s)", mode)

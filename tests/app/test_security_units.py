@@ -4,6 +4,7 @@ datastore index)."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -24,7 +25,7 @@ import pytest
 from fastapi import HTTPException
 from pydicom.uid import generate_uid
 
-from monailabel_evlf.app.config import parse_app_config
+from monailabel_evlf.app.config import ConfigError, parse_app_config
 from monailabel_evlf.app.datastore import CheckedLocalDatastore
 from monailabel_evlf.app.security import (
     MAX_STOW_INSTANCES,
@@ -37,8 +38,10 @@ from monailabel_evlf.app.security import (
     parse_bool,
     parse_json_object,
     read_stow_body,
+    remove_stale_uploads,
     scrub,
     stow_boundary,
+    upload_dir,
 )
 from monailabel_evlf.app.server import (
     _DEADLINE,
@@ -48,6 +51,7 @@ from monailabel_evlf.app.server import (
     TokenAuth,
     _deadline_checked,
     _proxy_path,
+    server_options,
 )
 from monailabel_evlf.app.train import EVLFTrainTask
 from monailabel_evlf.data.phantoms import write_sample_dataset
@@ -195,6 +199,94 @@ def test_guard_logs_blocked_unless_enabled_and_body_caps():
     assert guard().check(big)[0] == 413
     chunked = scope("/datastore/image", "PUT", headers=[("transfer-encoding", "chunked")])
     assert guard().check(chunked)[0] == 411
+
+
+def test_ohif_files_load_without_the_token_and_dicomweb_does_not():
+    auth = guard(auth_token_file="x")
+    for path in ("/ohif", "/ohif/", "/ohif/viewer", "/ohif/app-config.js", "/ohif/assets/x.svg"):
+        assert auth.check(scope(path)) is None, path
+        assert auth.check(scope(path, "HEAD")) is None, path
+    assert auth.check(scope("/ohif/app-config.js", "POST"))[0] == 401
+    assert auth.check(scope("/ohifx/"))[0] == 401
+    for path in ("/proxy/dicom/qido/studies", "/proxy/dicom/wado/studies/1.2/series", "/info/", "/datastore/"):
+        assert auth.check(scope(path))[0] == 401, path
+        good = [("authorization", "Bearer " + "s" * 20)]
+        assert auth.check(scope(path, headers=good)) is None, path
+    assert auth.check(scope("/ohif/", client="192.168.1.20")) is None  # the files only, as on loopback
+
+
+def _asgi(guard_: Guard, messages: list[dict], path: str = "/datastore/image") -> tuple[list[dict], list[dict]]:
+    """Run one PUT through the guard: ``messages`` are what the client sends (then it goes quiet); the messages
+    the guard sends back, and what the inner app received."""
+    received: list[dict] = []
+    sent: list[dict] = []
+    queue = list(messages)
+
+    async def client_receive() -> dict:
+        if queue:
+            return queue.pop(0)
+        await asyncio.sleep(3600)  # a slow-loris client: the rest of the body never comes
+        return {"type": "http.disconnect"}
+
+    async def inner(scope_, receive, send) -> None:
+        while True:
+            message = await receive()
+            received.append(message)
+            if message["type"] == "http.disconnect":
+                await send({"type": "http.response.start", "status": 400, "headers": []})
+                await send({"type": "http.response.body", "body": b'{"detail": "body"}'})
+                return
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    guard_.inner = inner
+    headers = [("content-length", "100")]
+    asyncio.run(guard_(scope(path, "PUT", headers=headers), client_receive, send))
+    return sent, received
+
+
+def test_a_request_body_slower_than_upload_timeout_s_gets_408_and_frees_the_worker():
+    slow = guard()
+    slow.upload_timeout_s = 0.3
+    started = time.monotonic()
+    sent, received = _asgi(slow, [{"type": "http.request", "body": b"x" * 10, "more_body": True}])
+    assert time.monotonic() - started < 2
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    assert b"upload_timeout_s" in sent[1]["body"]
+    assert received[-1]["type"] == "http.disconnect"
+    # a body that arrives in time is passed through untouched
+    sent, received = _asgi(slow, [{"type": "http.request", "body": b"x" * 10, "more_body": True},
+                                  {"type": "http.request", "body": b"y" * 90, "more_body": False}])  # fmt: skip
+    assert sent[0]["status"] == 200 and len(received) == 2
+
+
+def test_server_options_are_split_from_the_apps_and_checked():
+    rest, options = server_options({"model": "tiny", "upload_timeout_s": "30"})
+    assert rest == {"model": "tiny"} and options == {"upload_timeout_s": 30}
+    assert server_options({})[1] == {"upload_timeout_s": Limits.upload_timeout_s} == {"upload_timeout_s": 300}
+    for bad in ("0", "-1", "soon", "1.5"):
+        with pytest.raises(ConfigError, match="upload_timeout_s"):
+            server_options({"upload_timeout_s": bad})
+
+
+def test_upload_folders_of_dead_servers_are_removed_at_start_and_live_ones_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with upload_dir() as mine:
+        assert mine.name.startswith(f"evlf-upload-{os.getpid()}-")
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        stale = tmp_path / f"evlf-upload-{int(dead.stdout)}-abc"
+        (stale / "sub").mkdir(parents=True)
+        (stale / "sub" / "upload.nii.gz").write_bytes(b"half")
+        other = tmp_path / "evlf-upload-notapid-x"  # not ours to judge
+        other.mkdir()
+        assert remove_stale_uploads(tmp_path) == 1
+        assert not stale.exists() and mine.is_dir() and other.is_dir()
+    assert not mine.exists()
 
 
 def test_token_auth_issues_verifies_and_expires():

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -673,31 +674,78 @@ def test_busy_model_answers_429_beyond_the_queue(layout, tmp_path_factory):
         _stop(server)
 
 
-def test_inference_past_infer_timeout_s_gets_504_and_frees_the_model(layout, tmp_path_factory):
-    """One slice per generate call, 0.4 s each: a 40-slice grounding takes 16 s, past a 2 s limit. The client
-    gets 504 at the limit; the worker stops at its next batch, so a one-slice request is served right after."""
+@pytest.fixture(scope="module")
+def timeout_server(layout, tmp_path_factory) -> Iterator[Server]:
+    """A server with short time limits: 2 s per infer request, 3 s for a request body to arrive."""
     studies, outside = layout
     conf = {"infer_timeout_s": "2", "backend.delay": "0.4", "batch_size": "1", "max_queued_requests": "1"}
-    server = _start(studies, outside, tmp_path_factory.mktemp("timeout") / "tmp", conf)
-    try:
-        started = time.monotonic()
-        slow = infer(server)
-        waited = time.monotonic() - started
-        assert slow.status_code == 504 and "infer_timeout_s" in slow.json()["detail"], slow.text[:300]
-        assert waited < 6, f"answered after {waited:.1f} s, not at the 2 s limit"
-        assert requests.get(f"{server.url}/info/", timeout=5).status_code == 200
-        statuses = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # 429 until the stopped worker lets go of the model (one batch)
-            statuses.append(infer(server, {"output": "json", "slices": [20]}).status_code)
-            if statuses[-1] != 429:
-                break
-            time.sleep(0.2)
-        assert statuses[-1] == 200, statuses
-        assert "stopped after 2 s" in (server.tmp.parent / f"{server.tmp.name}.log").read_text()
-        print(f"timeout: 504 after {waited:.1f} s; then {statuses}")
-    finally:
-        _stop(server)
+    conf["upload_timeout_s"] = "3"
+    started = _start(studies, outside, tmp_path_factory.mktemp("timeout") / "tmp", conf)
+    yield started
+    _stop(started)
+
+
+def test_inference_past_infer_timeout_s_gets_504_and_frees_the_model(timeout_server):
+    """One slice per generate call, 0.4 s each: a 40-slice grounding takes 16 s, past a 2 s limit. The client
+    gets 504 at the limit; the worker stops at its next batch, so a one-slice request is served right after.
+    This is the server's first infer request: ITK was loaded at start-up, so its import cannot delay the 504."""
+    server = timeout_server
+    assert "imaging warmed up" in (server.tmp.parent / f"{server.tmp.name}.log").read_text()
+    started = time.monotonic()
+    slow = infer(server)
+    waited = time.monotonic() - started
+    assert slow.status_code == 504 and "infer_timeout_s" in slow.json()["detail"], slow.text[:300]
+    assert waited < 6, f"answered after {waited:.1f} s, not at the 2 s limit"
+    assert requests.get(f"{server.url}/info/", timeout=5).status_code == 200
+    statuses = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # 429 until the stopped worker lets go of the model (one batch)
+        statuses.append(infer(server, {"output": "json", "slices": [20]}).status_code)
+        if statuses[-1] != 429:
+            break
+        time.sleep(0.2)
+    assert statuses[-1] == 200, statuses
+    assert "stopped after 2 s" in (server.tmp.parent / f"{server.tmp.name}.log").read_text()
+    print(f"timeout: 504 after {waited:.1f} s; then {statuses}")
+
+
+def _slow_body(server: Server, method: str, path: str, declared: int, sent: bytes) -> tuple[bytes, float]:
+    """Headers with a true Content-Length, ``sent`` of the body, then silence (a slow-loris upload): what the
+    server answered and after how many seconds it closed the connection."""
+    host, port = server.url.removeprefix("http://").split(":")
+    boundary = "slowloris"
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {declared}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head + sent)
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+    return answer, time.monotonic() - started
+
+
+def test_a_slow_loris_upload_gets_408_at_upload_timeout_s_and_leaves_nothing(timeout_server):
+    server = timeout_server
+    before = snapshot(server.studies, server.outside)
+    part = b'--slowloris\r\nContent-Disposition: form-data; name="file"; filename="slow.nii.gz"\r\n\r\n' + b"x" * 100
+    answers = []
+    calls = [("PUT", "/datastore/image?image=slow"), ("PUT", f"/datastore/label?image={STUDY}&tag=final")]
+    for method, path in [*calls, ("POST", "/infer/evlf_grounding")]:
+        answer, waited = _slow_body(server, method, path, 10_000_000, part)
+        status = answer.split(b" ", 2)[1] if answer else b""
+        assert status == b"408" and b"upload_timeout_s" in answer, answer[:300]
+        assert 2.5 < waited < 8, f"{path}: closed after {waited:.1f} s, the limit is 3 s"
+        answers.append(round(waited, 1))
+    assert requests.get(f"{server.url}/info/", timeout=5).status_code == 200
+    assert snapshot(server.studies, server.outside) == before
+    assert not list(server.tmp.glob("evlf-upload-*"))
+    fast = put_image(server, nifti_bytes(np.zeros((12, 12, 6), np.int16)), "quick.nii.gz")
+    assert fast.status_code == 200, fast.text  # a body that arrives in time is unaffected
+    assert requests.delete(f"{server.url}/datastore/image", params={"id": "quick"}).status_code == 200
+    print(f"slow-loris uploads: 408 and closed after {answers} s")
 
 
 def test_token_auth_with_3d_slicers_client(layout, tmp_path_factory, slicer_client_class):
