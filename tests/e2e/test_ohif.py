@@ -125,6 +125,8 @@ def grounding(stack) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["dicom"]["stored"] == "stow-rs" and result["boxes"], result
+    stack["ai_sr_series"] = result["dicom"]["series_instance_uid"]
+    stack["ai_model"] = result["model"]["id"][:64]
     return result
 
 
@@ -193,7 +195,7 @@ def test_a_reader_corrects_a_box_and_saves_an_sr_from_ohif(stack, grounding, ohi
         assert uids[f.k] == sop
         want = moved if label == edited else rectangle
         assert _close([f.box.x1, f.box.y1, f.box.x2, f.box.y2], want, tolerance=1e-3), (label, f.box, want)
-    stack["ohif_sr"] = sr
+    stack["ohif_sr"], stack["edited"] = sr, edited
     sr.save_as(Path(stack["root"]) / "ohif-correction.dcm", write_like_original=False)
 
 
@@ -209,6 +211,19 @@ def test_training_uses_the_ohif_correction_and_makes_a_new_adapter(stack):
     assert label.status_code == 200, label.text
     assert pydicom.dcmread(io.BytesIO(label.content)).SOPInstanceUID == stack["ohif_sr"].SOPInstanceUID
 
+    # per box: OHIF wrote new tracking UIDs for all three, yet the two the reader left alone are the model's
+    # (matched against the AI SR by geometry and label), the one they dragged is theirs
+    info = requests.get(f"{tiny}/datastore/label/info", params={"label": image, "tag": "final"}, timeout=120)
+    assert info.status_code == 200, info.text
+    provenance = info.json()["provenance"]
+    assert provenance["model_output"]["series_uid"] == stack["ai_sr_series"], provenance
+    sources = {box["label"]: (box["source"], box["model"]) for box in provenance["boxes"]}
+    model = stack["ai_model"]
+    assert sources == {label: ("human", "") if label == stack["edited"] else ("model", model) for label in sources}, (
+        provenance
+    )
+    assert len(sources) == 3 and (provenance["model_unchanged"], provenance["human"]) == (2, 1), provenance
+
     response = requests.post(f"{tiny}/train/evlf_train", json={"method": "grpo", "steps": 1, "gate": False}, timeout=60)
     assert response.status_code == 200, response.text
     deadline = time.monotonic() + 400
@@ -219,5 +234,6 @@ def test_training_uses_the_ohif_correction_and_makes_a_new_adapter(stack):
     assert status["status"] == "DONE", details[-3000:]
     boxes = len(read_sr_boxes(stack["ohif_sr"], stack["sidecar"]["dicom"]["sop_instance_uids"]))
     assert f"evlf_train: {image} -> {boxes} boxes" in details, details[-3000:]
+    assert f"{boxes} boxes: 2 left as the model drew them ({model}" in details, details[-3000:]
     stats = requests.get(f"{tiny}/info/", timeout=30).json()["train_stats"]["evlf_train"]
     assert stats["adapter_versions"] == ["v0001"], stats
