@@ -53,25 +53,32 @@ def load_request_volume(request: dict[str, Any]):
         raise bad_request(f"cannot read image ({type(exc).__name__}): {scrub(first)}") from exc
 
 
-def _indices(request: dict[str, Any], pipeline, volume) -> list[int] | None:
-    """Slices to examine instead of the configured selection: ``slices`` (a list of distinct indices, at most
-    ``max_slices``) or ``around`` (the slice a reader is looking at) ± ``radius`` (default 2)."""
-    limit = pipeline.config.max_slices
+def _check_selection(request: dict[str, Any], limit: int) -> None:
+    """The slice-selection params' types and sizes, checked before the volume is read: ``slices`` (a list of
+    distinct indices, at most ``limit``) or ``around`` (the slice a reader is looking at) ± ``radius``."""
     value = request.get("slices")
     if value is not None:
         if not value or not isinstance(value, list) or not all(type(k) is int for k in value):
             raise bad_request(f"'slices' must be a non-empty list of integers, got {str(value)[:80]}")
         if len(value) > limit or len(set(value)) != len(value):
             raise bad_request(f"'slices' must hold at most {limit} distinct indices (--conf max_slices)")
-        return value
+        return
     around, radius = request.get("around"), request.get("radius", 2)
     if around is None:
-        return None
+        return
     if type(around) is not int or type(radius) is not int:
         raise bad_request(f"'around' and 'radius' must be integers, got {around!r}, {radius!r}")
     if not 0 <= radius <= limit // 2:
         raise bad_request(f"'radius' must lie in 0..{limit // 2}")
-    return pipeline.select(volume, around=around, radius=radius)[1]
+
+
+def _indices(request: dict[str, Any], pipeline, volume) -> list[int] | None:
+    """Slices to examine instead of the configured selection (params checked by :func:`_check_selection`)."""
+    if request.get("slices") is not None:
+        return request["slices"]
+    if request.get("around") is None:
+        return None
+    return pipeline.select(volume, around=request["around"], radius=request.get("radius", 2))[1]
 
 
 def _text(request: dict[str, Any], key: str, limit: int) -> str | None:
@@ -102,15 +109,23 @@ class EVLFInferTask(InferTask):
     def is_valid(self) -> bool:
         return True
 
-    def run(self, volume, request: dict[str, Any]) -> tuple[VolumeResult, str | None, dict[str, Any]]:
+    def check(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The task's params, checked before any work (reading the volume included); returns them parsed."""
+        _check_selection(request, self.app_config.max_slices)
+        return {}
+
+    def run(
+        self, volume, request: dict[str, Any], params: dict[str, Any]
+    ) -> tuple[VolumeResult, str | None, dict[str, Any]]:
         """The pipeline result, the result file (or None) and extra result-JSON fields."""
         raise NotImplementedError
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         started = time.perf_counter()
+        params = self.check(request)
         volume = load_request_volume(request)
         try:
-            result, result_file, extra = self.run(volume, request)
+            result, result_file, extra = self.run(volume, request, params)
         except ValueError as exc:
             raise bad_request(scrub(str(exc))) from exc
         except BackendUnavailable as exc:  # a remote model server down or refusing: not the request's fault
@@ -138,11 +153,14 @@ class GroundingTask(EVLFInferTask):
         self.datastore = datastore
         self._config.update(output=list(OUTPUTS), target="")
 
-    def run(self, volume, request):
+    def check(self, request):
         output = request.get("output", self.app_config.output)
         if output not in OUTPUTS:
             raise bad_request(f"'output' must be one of {', '.join(OUTPUTS)}; got {output!r}")
-        target = _text(request, "target", 200) or None
+        return {**super().check(request), "output": output, "target": _text(request, "target", 200) or None}
+
+    def run(self, volume, request, params):
+        output, target = params["output"], params["target"]
         with self.served.session() as pipeline:
             result = pipeline.ground(volume, target, indices=_indices(request, pipeline, volume))
         version = self.served.adapter_version or "base"
@@ -160,7 +178,7 @@ class DiagnosisTask(EVLFInferTask):
             served, config, list(config.vocabulary), "EVLF diagnosis: labels, scores and the model's reasoning"
         )
 
-    def run(self, volume, request):
+    def run(self, volume, request, params):
         with self.served.session() as pipeline:
             return pipeline.diagnose(volume, indices=_indices(request, pipeline, volume)), None, {}
 
@@ -180,7 +198,7 @@ class VQATask(EVLFInferTask):
         self._config["question"] = ""
         self._config["scope"] = VQA_SCOPES
 
-    def run(self, volume, request):
+    def check(self, request):
         limits = self.app_config.limits
         question = _text(request, "question", limits.max_text_chars)
         if not question or not question.strip():
@@ -197,6 +215,10 @@ class VQATask(EVLFInferTask):
             raise bad_request(f"'scope' must be one of {', '.join(VQA_SCOPES)}")
         if scope == "study" and any(request.get(key) is not None for key in ("slices", "around")):
             raise bad_request("'slices' / 'around' pick slices for scope 'slices'; a study question sees the study")
+        return {**super().check(request), "question": question, "options": options, "scope": scope}
+
+    def run(self, volume, request, params):
+        question, options, scope = params["question"], params["options"], params["scope"]
         with self.served.session() as pipeline:
             if scope == "study":
                 result = pipeline.answer_study(volume, question, options)
