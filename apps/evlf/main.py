@@ -22,7 +22,7 @@ from monailabel_evlf.app.config import ConfigError, parse_app_config
 from monailabel_evlf.app.datastore import CheckedLocalDatastore, check_infer_request
 from monailabel_evlf.app.dicomweb import dicomweb_datastore
 from monailabel_evlf.app.infer import DiagnosisTask, GroundingTask, VQATask
-from monailabel_evlf.app.server import install, server_options
+from monailabel_evlf.app.server import install
 from monailabel_evlf.app.serving import ServedModel
 from monailabel_evlf.app.train import EVLFTrainTask
 
@@ -41,8 +41,7 @@ def _stop(message: str) -> None:
 class EVLFApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         try:
-            app_conf, self.server_options = server_options(conf)  # upload_timeout_s: the guard's, not the model's
-            self.evlf_config = parse_app_config(app_conf)
+            self.evlf_config = parse_app_config(conf)
         except ConfigError as exc:
             _stop(f"EVLF app cannot start: {exc}")
 
@@ -61,7 +60,7 @@ class EVLFApp(MONAILabelApp):
         )
         self._auto_update_scoring = self.evlf_config.auto_scoring
         try:
-            install(self, self.evlf_config, self.server_options["upload_timeout_s"])
+            install(self, self.evlf_config)
         except (ValueError, OSError) as exc:
             _stop(f"EVLF app cannot start its guard (--conf auth_token_file / cors_origins): {exc}")
 

@@ -75,6 +75,7 @@ class AppConfig:
     max_train_steps: int = Limits.max_train_steps
     max_queued_requests: int = 4  # infer requests waiting for the model; more get 429
     infer_timeout_s: int = 600  # wall-clock seconds one infer request may take (waiting included); then 504
+    upload_timeout_s: int = Limits.upload_timeout_s  # seconds for a request's whole body to arrive; then 408
     cors_origins: tuple[str, ...] = ()  # allowed browser origins besides the server's own loopback origin
     auth_token_file: str = ""  # a file holding the shared secret: turns bearer-token authentication on
     logs_endpoint: bool = False  # MONAI Label's /logs/ (the server log) is off unless enabled
@@ -93,6 +94,7 @@ class AppConfig:
             max_text_chars=self.max_text_chars,
             max_rois=self.max_rois,
             max_train_steps=self.max_train_steps,
+            upload_timeout_s=self.upload_timeout_s,
         )
 
     @property
@@ -189,7 +191,7 @@ def parse_app_config(conf: Mapping[str, str]) -> AppConfig:
         elif (
             key in ("slice_stride", "max_slices", "batch_size", "max_new_tokens", "min_slices", "samples")
             or (key.startswith("max_"))
-            or key == "infer_timeout_s"
+            or key in ("infer_timeout_s", "upload_timeout_s")
         ):
             values[key] = _int(key, value, 1)
         elif key in ("torch_threads", "detector_steps"):

@@ -48,12 +48,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from monailabel_evlf.app.config import AppConfig, ConfigError
+from monailabel_evlf.app.config import AppConfig
 from monailabel_evlf.app.datastore import label_suffix
 from monailabel_evlf.app.dicomweb import EVLFDICOMwebDatastore
 from monailabel_evlf.app.ohif import ohif_router
 from monailabel_evlf.app.security import (
-    Limits,
     check_id,
     check_json_object,
     check_tag,
@@ -86,8 +85,6 @@ OPEN_PATHS = {("GET", "/auth/"), ("POST", "/auth/token"), ("GET", "/favicon.ico"
 # OHIF's own files (its build and app-config.js; no study data) load without the token, so the browser can start
 # OHIF and OHIF then sends the token on its DICOMweb calls (app/ohif.py); every /proxy/dicom call needs it
 OHIF_PREFIX = "/ohif"
-# --conf options of the server itself (not of the model / pipeline), read by :func:`server_options`
-SERVER_OPTIONS = {"upload_timeout_s": Limits.upload_timeout_s}
 TOKEN_HOURS = 12
 _MULTIPART_SLACK = 1 << 20
 _ERROR_BODY_MAX = 1 << 16
@@ -174,11 +171,9 @@ def _hostname(value: str) -> str:
 class Guard:
     """Outermost ASGI layer: refuses what must never reach MONAI Label's routes, and keeps error bodies clean."""
 
-    def __init__(
-        self, inner: ASGIApp, config: AppConfig, auth: TokenAuth | None, upload_timeout_s: float | None = None
-    ) -> None:
+    def __init__(self, inner: ASGIApp, config: AppConfig, auth: TokenAuth | None) -> None:
         self.inner = inner
-        self.upload_timeout_s = upload_timeout_s or Limits.upload_timeout_s
+        self.upload_timeout_s: float = config.upload_timeout_s
         self.auth = auth
         self.extra_origins = {o.rstrip("/") for o in config.cors_origins}
         self.extra_hosts = {_hostname(o.split("://", 1)[-1].rstrip("/")) for o in config.cors_origins}
@@ -737,18 +732,6 @@ def guarded_router(instance: MONAILabelApp, config: AppConfig) -> APIRouter:
     return router
 
 
-def server_options(conf: dict[str, str]) -> tuple[dict[str, str], dict[str, int]]:
-    """The ``--conf`` options the server itself reads (:data:`SERVER_OPTIONS`), split from the app's."""
-    rest = {k: v for k, v in conf.items() if k not in SERVER_OPTIONS}
-    options = dict(SERVER_OPTIONS)
-    for key in SERVER_OPTIONS.keys() & conf.keys():
-        value = str(conf[key]).strip()
-        if not value.isdigit() or int(value) < 1:
-            raise ConfigError(key, f"expected a whole number of seconds >= 1, got {value!r}")
-        options[key] = int(value)
-    return rest, options
-
-
 def warm_imaging() -> None:
     """Read a tiny NIfTI once, so ITK's first import (seconds of C++ module loading that holds the GIL, so
     no other thread, not even the one answering 504 at ``infer_timeout_s``, runs meanwhile) happens before
@@ -761,7 +744,7 @@ def warm_imaging() -> None:
     logger.info("imaging warmed up in %.1f s (ITK loaded before the first request)", time.monotonic() - started)
 
 
-def install(instance: MONAILabelApp, config: AppConfig, upload_timeout_s: int | None = None) -> None:
+def install(instance: MONAILabelApp, config: AppConfig) -> None:
     """Guard the running MONAI Label server, if this process is one (the train child and tests are not)."""
     web = sys.modules.get("monailabel.app")
     if web is None or getattr(web.app.state, "evlf_guarded", False):
@@ -780,7 +763,7 @@ def install(instance: MONAILabelApp, config: AppConfig, upload_timeout_s: int | 
     _move_to_front(app, guarded_router(instance, config))
     _move_to_front(app, ohif_router())  # OHIF files served right, EVLF SR text shown (app/ohif.py)
     stack = app.middleware_stack or app.build_middleware_stack()
-    app.middleware_stack = Guard(stack, config, auth, upload_timeout_s)
+    app.middleware_stack = Guard(stack, config, auth)
     app.state.evlf_guarded = True
     mode = "token" if auth else "MONAI Label" if settings.MONAI_LABEL_AUTH_ENABLE else "off"
     logger.info("EVLF guard installed (auth: %s)", mode)

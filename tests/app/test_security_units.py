@@ -51,7 +51,6 @@ from monailabel_evlf.app.server import (
     TokenAuth,
     _deadline_checked,
     _proxy_path,
-    server_options,
 )
 from monailabel_evlf.app.train import EVLFTrainTask
 from monailabel_evlf.data.phantoms import write_sample_dataset
@@ -265,13 +264,13 @@ def test_a_request_body_slower_than_upload_timeout_s_gets_408_and_frees_the_work
     assert sent[0]["status"] == 200 and len(received) == 2
 
 
-def test_server_options_are_split_from_the_apps_and_checked():
-    rest, options = server_options({"model": "tiny", "upload_timeout_s": "30"})
-    assert rest == {"model": "tiny"} and options == {"upload_timeout_s": 30}
-    assert server_options({})[1] == {"upload_timeout_s": Limits.upload_timeout_s} == {"upload_timeout_s": 300}
+def test_upload_timeout_s_is_an_app_option_the_guard_reads_and_is_checked():
+    assert parse_app_config({"model": "tiny", "upload_timeout_s": "30"}).upload_timeout_s == 30
+    assert parse_app_config({}).upload_timeout_s == Limits.upload_timeout_s == 300
+    assert guard(upload_timeout_s="30").upload_timeout_s == 30 and guard().upload_timeout_s == 300
     for bad in ("0", "-1", "soon", "1.5"):
         with pytest.raises(ConfigError, match="upload_timeout_s"):
-            server_options({"upload_timeout_s": bad})
+            parse_app_config({"upload_timeout_s": bad})
 
 
 def test_upload_folders_of_dead_servers_are_removed_at_start_and_live_ones_kept(tmp_path, monkeypatch):
