@@ -14,41 +14,7 @@ import re
 import tokenize
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "monailabel_evlf"
-
-# Files other work was editing when this rule was enforced; their lazy imports are not reviewed yet (some have
-# none today). SHRINK THIS LIST to empty: move each file's imports to the top (or give the reason), then delete
-# its line; the policy then holds for it too.
-NOT_YET_REVIEWED_SHRINK_ME = frozenset(
-    {
-        "annotations/",  # every file under monailabel_evlf/annotations/
-        "app/datastore.py",
-        "app/dicomweb.py",
-        "app/labels.py",
-        "app/ohif.py",
-        "app/outputs.py",
-        "app/security.py",
-        "app/server.py",
-        "app/serving.py",
-        "imaging/aggregation.py",
-        "inference.py",
-        "training/commands.py",
-        "training/config.py",
-        "training/trl_common.py",
-        "training/trl_grpo.py",
-        "training/trl_sft.py",
-    }
-)
-
-
-def _covers(entry: str, relative: str) -> bool:
-    return relative.startswith(entry) if entry.endswith("/") else relative == entry
-
-
-def _allow_listed(relative: str) -> bool:
-    return any(_covers(entry, relative) for entry in NOT_YET_REVIEWED_SHRINK_ME)
 
 
 def _modules() -> list[tuple[str, Path]]:
@@ -97,20 +63,12 @@ def test_imports_inside_functions_state_why():
     problems = [
         f"monailabel_evlf/{relative.rsplit('/', 1)[0] + '/' if '/' in relative else ''}{line}"
         for relative, path in _modules()
-        if not _allow_listed(relative)
         for line in unexplained_lazy_imports(path)
     ]
     assert not problems, (
         "imports inside functions without a reason; move them to the module top, or add '# lazy: <reason>' on the "
         "import line (circular import, heavy dependency of a light entry point, optional dependency):\n"
         + "\n".join(problems)
-    )
-
-
-@pytest.mark.parametrize("entry", sorted(NOT_YET_REVIEWED_SHRINK_ME))
-def test_the_allow_list_names_existing_files(entry):
-    assert any(_covers(entry, relative) for relative, _ in _modules()), (
-        f"{entry} is in NOT_YET_REVIEWED_SHRINK_ME but no such file exists: remove it from the list"
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
+from dicomweb_client.session_utils import create_session_from_user_pass
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 
@@ -25,6 +26,7 @@ from monailabel_evlf.annotations.dicom_common import is_model_output
 from monailabel_evlf.annotations.dicom_seg import write_segmentation
 from monailabel_evlf.annotations.provenance import MODEL, model_identity, summary
 from monailabel_evlf.app.datastore import check_label_file
+from monailabel_evlf.app.labels import read_label_boxes
 from monailabel_evlf.app.security import Limits, check_id, check_json_object, check_tag, refuse
 from monailabel_evlf.atomic import write_atomic
 from monailabel_evlf.imaging.volume import load_volume
@@ -34,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 def dicomweb_datastore(url: str, targets: Sequence[str] = (), limits: Limits = Limits()) -> EVLFDICOMwebDatastore:
     """A DICOMweb datastore on ``url`` (e.g. ``http://127.0.0.1:8042/dicom-web``) serving DICOM folders."""
-    from dicomweb_client.session_utils import create_session_from_user_pass
-
     url = url.rstrip("/").strip()
     username = settings.MONAI_LABEL_DICOMWEB_USERNAME or settings.MONAI_LABEL_DATASTORE_USERNAME
     password = settings.MONAI_LABEL_DICOMWEB_PASSWORD or settings.MONAI_LABEL_DATASTORE_PASSWORD
@@ -345,8 +345,6 @@ class EVLFDICOMwebDatastore(DICOMWebDatastore):
             raise refuse(exc.status, str(exc)) from None
 
     def _checked_boxes(self, label_filename: str, volume: Any) -> list:
-        from monailabel_evlf.app.labels import read_label_boxes
-
         try:
             boxes = read_label_boxes(label_filename, volume)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pydicom
 from fastapi import HTTPException
+from monailabel.datastore.dicom import DICOMWebDatastore
 
 from monailabel_evlf.annotations import formats
 from monailabel_evlf.inference import VolumeResult
@@ -47,8 +48,6 @@ def _source_series(volume) -> list[pydicom.Dataset]:
 
 def store_dicom(datastore, dataset: pydicom.Dataset) -> dict[str, Any] | None:
     """STOW-RS ``dataset`` when the datastore is DICOMweb; ``None`` otherwise."""
-    from monailabel.datastore.dicom import DICOMWebDatastore
-
     if not isinstance(datastore, DICOMWebDatastore):
         return None
     # MONAI Label's DICOMWebDatastore keeps its dicomweb-client as ``_client`` and has no public store call

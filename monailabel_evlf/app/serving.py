@@ -16,9 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from monailabel_evlf.app.config import AppConfig, resolve_model
 from monailabel_evlf.app.security import scrub
 from monailabel_evlf.inference import PipelineConfig, VolumePipeline
+from monailabel_evlf.model import load_backend
 from monailabel_evlf.model.backend import VLMBackend
 from monailabel_evlf.training.adapters import AdapterRegistry
 
@@ -56,11 +59,7 @@ def pipeline_config(config: AppConfig) -> PipelineConfig:
 
 def load_configured_backend(config: AppConfig, model: str) -> VLMBackend:
     """``load_backend`` with the app's options; backend-specific ``backend.<key>`` options pass through."""
-    from monailabel_evlf.model import load_backend
-
     if config.torch_threads:
-        import torch
-
         # a tiny model's ops last microseconds; with several threads on a busy CPU each op waits for a
         # descheduled thread (measured here: 0.03 ms -> 8 ms per 16x128 linear with 2 threads beside a co-tenant)
         torch.set_num_threads(config.torch_threads)

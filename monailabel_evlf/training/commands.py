@@ -1,15 +1,29 @@
-"""``evlf eval``, ``evlf train`` and ``evlf build-demo-model``. Heavy imports stay inside the command functions."""
+"""``evlf eval``, ``evlf train`` and ``evlf build-demo-model``.
+
+``evlf --help`` imports this module to register the commands, so what loads torch, monai or ITK (the model, imaging,
+samples and training modules) is imported inside the command that needs it, each line saying so.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from monailabel_evlf.training.adapters import AdapterRegistry
 from monailabel_evlf.training.config import TRAINING_CONFIG_DIR as CONFIG_DIR
-from monailabel_evlf.training.config import tqdm_progress
+from monailabel_evlf.training.config import (
+    GRPOConfig,
+    SFTConfig,
+    TRLConfig,
+    config_from_dict,
+    load_training_yaml,
+    tqdm_progress,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +57,7 @@ def _add_sample_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_backend_from_args(args: argparse.Namespace) -> Any:
-    import os
-
-    from monailabel_evlf.model import load_backend
+    from monailabel_evlf.model import load_backend  # lazy: torch, kept out of `evlf --help`
 
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # accelerate launch / torchrun: one GPU per process
@@ -61,8 +73,8 @@ def load_backend_from_args(args: argparse.Namespace) -> Any:
 
 
 def sample_options_from_args(args: argparse.Namespace, backend: Any) -> Any:
-    from monailabel_evlf.imaging.windowing import resolve_window
-    from monailabel_evlf.training.samples import SampleOptions
+    from monailabel_evlf.imaging.windowing import resolve_window  # lazy: monai + ITK, kept out of `evlf --help`
+    from monailabel_evlf.training.samples import SampleOptions  # lazy: torch + monai, kept out of `evlf --help`
 
     size = tuple(args.size) if args.size else (96, 96)
     window = resolve_window(args.window, getattr(backend, "input_window", None))
@@ -70,10 +82,10 @@ def sample_options_from_args(args: argparse.Namespace, backend: Any) -> Any:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from monailabel_evlf.inference import PipelineConfig
-    from monailabel_evlf.training.evaluate import evaluate
-    from monailabel_evlf.training.samples import load_samples
-    from monailabel_evlf.training.study_evaluation import evaluate_studies
+    from monailabel_evlf.inference import PipelineConfig  # lazy: torch + monai, kept out of `evlf --help`
+    from monailabel_evlf.training.evaluate import evaluate  # lazy: torch + monai, kept out of `evlf --help`
+    from monailabel_evlf.training.samples import load_samples  # lazy: torch + monai, kept out of `evlf --help`
+    from monailabel_evlf.training.study_evaluation import evaluate_studies  # lazy: torch + monai, as above
 
     backend = load_backend_from_args(args)
     options = sample_options_from_args(args, backend)
@@ -94,8 +106,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def phantom_folder_studies(folder: str | Path) -> list[tuple[Any, Any, dict[str, Any]]]:
     """``(image, affine, ground truth)`` of every study in a phantom folder, read from its files."""
-    from monailabel_evlf.data.phantoms import GROUND_TRUTH_DIR, read_ground_truth
-    from monailabel_evlf.imaging.volume import load_volume
+    from monailabel_evlf.data.phantoms import GROUND_TRUTH_DIR, read_ground_truth  # lazy: monai, not for --help
+    from monailabel_evlf.imaging.volume import load_volume  # lazy: monai + ITK, kept out of `evlf --help`
 
     root = Path(folder)
     studies = []
@@ -108,10 +120,6 @@ def phantom_folder_studies(folder: str | Path) -> list[tuple[Any, Any, dict[str,
 
 def trl_options(settings: dict[str, Any], args: argparse.Namespace) -> Any:
     """The YAML's ``trl`` section with the command line's switches on top (they win)."""
-    import dataclasses
-
-    from monailabel_evlf.training.config import TRLConfig, config_from_dict
-
     options = config_from_dict(TRLConfig, settings.get("trl"))
     switches = {
         "output_dir": args.trl_output_dir,
@@ -138,10 +146,8 @@ def bf16_weights_notice(args: argparse.Namespace, trl: Any) -> str | None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from monailabel_evlf.training.adapters import AdapterRegistry
-    from monailabel_evlf.training.config import GRPOConfig, SFTConfig, config_from_dict, load_training_yaml
-    from monailabel_evlf.training.finetune import finetune_adapter, method_stages
-    from monailabel_evlf.training.samples import load_samples
+    from monailabel_evlf.training.finetune import finetune_adapter, method_stages  # lazy: torch, not for --help
+    from monailabel_evlf.training.samples import load_samples  # lazy: torch + monai, kept out of `evlf --help`
 
     settings = load_training_yaml(args.config)
     trl = trl_options(settings, args) if args.trainer == "trl" else None
@@ -179,7 +185,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_build_demo_model(args: argparse.Namespace) -> int:
-    from monailabel_evlf.training.demo_model import build_demo_model, evaluate_demo_model, load_demo_config
+    from monailabel_evlf.training.demo_model import (  # lazy: torch + transformers, kept out of `evlf --help`
+        build_demo_model,
+        evaluate_demo_model,
+        load_demo_config,
+    )
 
     config = load_demo_config(args.config)
     if args.evaluate_only:

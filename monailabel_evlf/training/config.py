@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
+from tqdm.auto import tqdm
 
 from monailabel_evlf.paths import configs_dir
 
@@ -23,8 +24,6 @@ ProgressCallback = Callable[[int, int, dict[str, float]], None]
 
 def tqdm_progress(desc: str) -> ProgressCallback:
     """A :data:`ProgressCallback` drawing a tqdm bar per training stage (the CLI commands and benchmarks)."""
-    from tqdm.auto import tqdm
-
     bars: list[Any] = []
 
     def update(step: int, total: int, logs: dict[str, float]) -> None:

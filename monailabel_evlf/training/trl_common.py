@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import PrinterCallback, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from monailabel_evlf.model.backend import VLMBackend
+from monailabel_evlf.model.backends.base import HFVLMBackend
 from monailabel_evlf.training.config import ProgressCallback, TRLConfig
 
 logger = logging.getLogger(__name__)
@@ -27,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 def require_trl_backend(backend: VLMBackend) -> None:
     """TRL trains the backend's peft model with its processor: only Hugging Face backends have both."""
-    from monailabel_evlf.model.backends.base import HFVLMBackend
-
     if not isinstance(backend, HFVLMBackend):
         raise ValueError(
             f"--trainer trl needs a transformers backend (evlf, qwen2_5_vl, qwen3_vl); {type(backend).__name__} "
@@ -86,8 +87,6 @@ def resume_checkpoint(options: TRLConfig, stage: str) -> str | None:
         return None
     folder = stage_dir(options, stage)
     if wanted == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
         return get_last_checkpoint(str(folder)) if folder.is_dir() else None
     path = Path(wanted)
     if not path.is_dir():
@@ -101,7 +100,6 @@ def report_progress(trainer: Any, callback: ProgressCallback | None, total: int,
     """Record each step's logs in ``history`` (with its wall ``seconds``, generation included, as the compact
     loops log it) and pass them to our :data:`ProgressCallback`, in place of the Trainer's printing of every log
     dict (``disable_tqdm`` turns that on)."""
-    from transformers import PrinterCallback, TrainerCallback
 
     class Progress(TrainerCallback):
         started = 0.0

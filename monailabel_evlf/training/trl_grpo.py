@@ -39,6 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import Dataset, Features, Image, Value
+from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from trl import GRPOConfig as TRLGRPOConfig
+from trl import GRPOTrainer
 
 from monailabel_evlf.training.config import GRPOConfig, ProgressCallback, TRLConfig
 from monailabel_evlf.training.samples import TrainingSample
@@ -70,8 +75,6 @@ def trl_grpo_args(config: GRPOConfig, options: TRLConfig, backend: Any, n_sample
     """Our :class:`GRPOConfig` (+ run options) as ``trl.GRPOConfig``; the names map one to one except
     steps -> max_steps, group_size -> num_generations, max_new_tokens -> max_completion_length and
     batch_size / micro_batch_size -> the completion batch layout (:func:`generation_layout`)."""
-    from trl import GRPOConfig as TRLGRPOConfig
-
     mapped = {
         "max_steps": config.steps,
         "num_generations": config.group_size,
@@ -109,7 +112,6 @@ def trl_grpo_args(config: GRPOConfig, options: TRLConfig, backend: Any, n_sample
 def grpo_dataset(backend: Any, samples: Sequence[TrainingSample]) -> Any:
     """One row per sample: the conversational prompt TRL renders with the backend's chat template, the image
     (datasets' Image feature) and the sample's index, by which the rewards get their ground-truth columns."""
-    from datasets import Dataset, Features, Image, Value
 
     def prompt(sample: TrainingSample) -> list[dict[str, Any]]:
         messages = []
@@ -147,8 +149,6 @@ def trl_reward(fn: RewardFunction, samples: Sequence[TrainingSample], backend: A
 
 
 def _trainer_class() -> type:
-    from trl import GRPOTrainer
-
     forwarded = set(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
 
     class BackendGRPOTrainer(GRPOTrainer):
@@ -224,9 +224,6 @@ def _trainer_class() -> type:
 def completions_to_tensorboard(trainer: Any, rows: int = 8) -> None:
     """With ``log_completions``, write each step's first ``rows`` (prompt, completion, reward) to TensorBoard as a
     text table: TRL 1.16 sends its completion tables only to wandb / trackio (and prints them)."""
-    from transformers import TrainerCallback
-    from transformers.integrations import TensorBoardCallback
-
     board = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
     if board is None or not trainer.args.log_completions:
         return

@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from datasets import Dataset, Features, Image, Value
+from trl import SFTConfig as TRLSFTConfig
+from trl import SFTTrainer
 
 from monailabel_evlf.training.config import ProgressCallback, SFTConfig, TRLConfig
 from monailabel_evlf.training.samples import TrainingSample
@@ -39,8 +42,6 @@ def trl_sft_args(config: SFTConfig, options: TRLConfig, backend: Any) -> Any:
     """Our :class:`SFTConfig` (+ run options) as ``trl.SFTConfig``: epochs -> num_train_epochs, batch_size ->
     per_device_train_batch_size, warmup_ratio -> warmup_steps (a fraction, as transformers 5 reads it); linear
     warm-up and decay as the compact loop."""
-    from trl import SFTConfig as TRLSFTConfig
-
     mapped = {
         "num_train_epochs": config.epochs,
         "per_device_train_batch_size": config.batch_size,
@@ -58,8 +59,6 @@ def trl_sft_args(config: SFTConfig, options: TRLConfig, backend: Any) -> Any:
 
 
 def sft_dataset(backend: Any, samples: Sequence[TrainingSample]) -> Any:
-    from datasets import Dataset, Features, Image, Value
-
     missing = [i for i, s in enumerate(samples) if not s.target]
     if missing:
         raise ValueError(f"samples {missing[:5]} have no target answer to learn")
@@ -75,8 +74,6 @@ def sft_dataset(backend: Any, samples: Sequence[TrainingSample]) -> Any:
 
 def build_sft_trainer(backend: Any, samples: Sequence[TrainingSample], config: SFTConfig, options: TRLConfig) -> Any:
     """The configured ``SFTTrainer`` on the backend's peft model, not yet run."""
-    from trl import SFTTrainer
-
     require_trl_backend(backend)
     if not samples:
         raise ValueError("SFT needs at least one training sample")
