@@ -11,7 +11,6 @@ from monailabel_evlf.data.phantoms import make_phantom
 from monailabel_evlf.model import load_backend
 from monailabel_evlf.model.backend import SamplingConfig
 from monailabel_evlf.model.backends.evlf import EVLFBackend
-from monailabel_evlf.model.tiny import build_tiny_evlf
 from monailabel_evlf.training.adapters import AdapterRegistry
 from monailabel_evlf.training.config import GRPOConfig, TRLConfig
 from monailabel_evlf.training.finetune import GRPOStage, finetune_adapter, grounding_rewards
@@ -20,13 +19,6 @@ from monailabel_evlf.training.samples import SampleOptions, phantom_samples
 from monailabel_evlf.training.trl_grpo import build_grpo_trainer, generation_layout, train_grpo_trl
 
 pytest.importorskip("trl")
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-evlf")
-    build_tiny_evlf(path, image_size=32, hidden_size=32, num_layers=1, pixel_pool=1)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,12 @@ import torch
 
 from monailabel_evlf.data.phantoms import make_phantom
 from monailabel_evlf.model.backends.evlf import EVLFBackend
-from monailabel_evlf.model.tiny import build_tiny_evlf
 from monailabel_evlf.paths import configs_dir
 from monailabel_evlf.training import trl_grpo, trl_sft
 from monailabel_evlf.training.config import GRPOConfig, SFTConfig, TRLConfig
 from monailabel_evlf.training.samples import SampleOptions, phantom_samples
 
 pytest.importorskip("trl")
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-evlf")
-    build_tiny_evlf(path, image_size=32, hidden_size=32, num_layers=1, pixel_pool=1)
-    return path
 
 
 def alternating_reward(prompts, completions, **_):

@@ -5,20 +5,12 @@ import torch
 
 from monailabel_evlf.data.phantoms import make_phantom
 from monailabel_evlf.model.backends.evlf import EVLFBackend
-from monailabel_evlf.model.tiny import build_tiny_evlf
 from monailabel_evlf.training.config import SFTConfig, TRLConfig
 from monailabel_evlf.training.samples import SampleOptions, phantom_samples
 from monailabel_evlf.training.sft import sft_loss
 from monailabel_evlf.training.trl_sft import build_sft_trainer, train_sft_trl
 
 pytest.importorskip("trl")
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-evlf")
-    build_tiny_evlf(path, image_size=32, hidden_size=32, num_layers=1, pixel_pool=1)
-    return path
 
 
 @pytest.fixture(scope="module")
