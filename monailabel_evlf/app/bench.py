@@ -119,11 +119,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 @contextmanager
 def running_server(
-    studies: Path | str, conf: dict[str, str], timeout: float = 300, env: dict[str, str] | None = None
+    studies: Path | str,
+    conf: dict[str, str],
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """A MONAI Label server with the EVLF app on a free loopback port; yields its URL, stops it on exit.
 
-    ``studies`` is a folder or a DICOMweb URL; ``env`` adds environment variables (MONAI Label settings)."""
+    ``studies`` is a folder or a DICOMweb URL; ``env`` adds environment variables (MONAI Label settings);
+    ``headers`` go with the readiness probe (``/info/``), e.g. the bearer token of a server with token auth."""
     import requests
 
     with socket.socket() as sock:
@@ -141,7 +146,7 @@ def running_server(
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server did not start within {timeout} s; {_log_tail(log.name)}")
                 try:
-                    if requests.get(f"{url}/info/", timeout=2).ok:
+                    if requests.get(f"{url}/info/", headers=headers, timeout=2).ok:
                         break
                 except requests.ConnectionError:
                     pass

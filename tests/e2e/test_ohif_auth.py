@@ -11,11 +11,7 @@ chromium or Orthanc.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -23,7 +19,7 @@ import pytest
 import requests
 from dicomweb_client import DICOMwebClient
 
-from monailabel_evlf.app.commands import prepare_app_dir, server_command, server_env
+from monailabel_evlf.app.bench import running_server
 from monailabel_evlf.data.phantoms import write_sample_dataset
 from tests.e2e import orthanc
 from tests.e2e.browser import Chromium
@@ -33,34 +29,6 @@ pytestmark = pytest.mark.integration
 
 ORACLE = "tests.app.gt_backend:GroundTruthBackend"
 SECRET = "ohif-token-secret-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(studies: str, conf: dict[str, str], env: dict[str, str], log: Path, timeout: float = 300) -> Any:
-    """The EVLF server with token auth; ready once /info/ answers 200 to the secret as bearer token."""
-    port = _free_port()
-    cmd = server_command(prepare_app_dir(), studies, "127.0.0.1", port, conf)
-    handle = log.open("w")
-    process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=server_env(env))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"server did not start within {timeout} s: {log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/info/", headers={"Authorization": f"Bearer {SECRET}"}, timeout=2).ok:
-                return url, process
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +46,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         DICOMwebClient(dicomweb).store_instances(series)
         conf = {"backend": ORACLE, "model": str(root / "phantoms"), "auth_token_file": str(secret)}
         env = {"MONAI_LABEL_DATASTORE_CACHE_PATH": str(root / "cache")}
-        url, process = _start(dicomweb, conf, env, root / "server.log")
-        try:
+        ready = {"Authorization": f"Bearer {SECRET}"}
+        with running_server(dicomweb, conf, timeout=300, env=env, headers=ready) as url:
             yield {"url": url, "sidecar": sidecar, "patient": str(series[0].PatientID), "root": root}
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def test_without_the_token_ohif_files_load_and_dicomweb_is_401(stack):
