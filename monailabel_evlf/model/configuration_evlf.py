@@ -27,7 +27,12 @@ class EVLFConfig(PreTrainedConfig):
         token followed by the proposal's four box numbers as the LLM's own number-token embeddings.
     finding_labels / finding_sites: the detection connector's label and site classes (lesion kinds, organs).
     region_token_id / coordinate_token_id: the placeholders of a proposal's region token and its four numbers.
-    number_token_ids: the token ids of "0".."100" (the NORMALIZED_100 box numbers) for the coordinate tokens.
+    number_token_ids: the token ids of "0".."100" (the box numbers) for the coordinate tokens.
+    box_grid: box numbers run 0..box_grid over the image width and height (<= 100, one token each). 100: the
+        NORMALIZED_100 convention. The slice size in pixels (e.g. 96): numbers are the rendered slice's own pixel
+        edges, so a box on voxel edges is written exactly (a 3-voxel lesion loses ~0.2 IoU to the 0..100 grid).
+    boxes_from_proposals: answers write each box as one of the proposals shown to the LLM (constrained decoding,
+        :mod:`~monailabel_evlf.model.proposal_decoding`): the LLM chooses, the numbers are copied exactly.
     flip_average: average the proposal maps of the slice and its mirror image (test-time flip) when proposing.
     input_window: how slices were windowed for this model in training (``imaging.windowing.window_channels``
         syntax, e.g. ``"abdomen/liver/40,80"``, one window per RGB channel); the app renders the same way unless
@@ -57,6 +62,8 @@ class EVLFConfig(PreTrainedConfig):
     region_token_id: int = 0
     coordinate_token_id: int = 0
     number_token_ids: list[int] | None = None
+    box_grid: int = 100
+    boxes_from_proposals: bool = True
     flip_average: bool = True
     input_window: str | None = None
     tie_word_embeddings: bool = False
@@ -74,6 +81,8 @@ class EVLFConfig(PreTrainedConfig):
             raise ValueError(f"num_proposals must be >= 0, got {self.num_proposals}")
         if self.num_proposals and (len(self.number_token_ids or ()) != 101 or not self.finding_labels):
             raise ValueError("a detection pixel connector needs 101 number_token_ids and finding_labels")
+        if not 1 <= self.box_grid <= 100:
+            raise ValueError(f"box_grid must be 1..100 (one number token each), got {self.box_grid}")
         if self.text_config.tie_word_embeddings:
             self.tie_word_embeddings = True
 

@@ -243,10 +243,10 @@ def decode_proposals(
     )
 
 
-def box_numbers(boxes: torch.Tensor) -> torch.Tensor:
-    """Fractions -> the integers 0..100 the LLM reads and writes (at least one unit wide and high)."""
-    numbers = (boxes * 100).round().long().clamp(0, 100)
-    x1, y1 = numbers[..., 0].clamp(max=99), numbers[..., 1].clamp(max=99)
+def box_numbers(boxes: torch.Tensor, grid: int = 100) -> torch.Tensor:
+    """Fractions -> the integers 0..grid the LLM reads and writes (at least one unit wide and high)."""
+    numbers = (boxes * grid).round().long().clamp(0, grid)
+    x1, y1 = numbers[..., 0].clamp(max=grid - 1), numbers[..., 1].clamp(max=grid - 1)
     x2, y2 = torch.maximum(numbers[..., 2], x1 + 1), torch.maximum(numbers[..., 3], y1 + 1)
     return torch.stack([x1, y1, x2, y2], dim=-1)
 

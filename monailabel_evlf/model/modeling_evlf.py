@@ -227,7 +227,9 @@ class EVLFModel(EVLFPreTrainedModel):
             return self.pixel_connector(self.pixel_grid(dense_pixel_values))
         proposals, region = self.propose(dense_pixel_values)
         number_ids = torch.tensor(self.config.number_token_ids, device=region.device)
-        numbers = self.get_input_embeddings()(number_ids[box_numbers(proposals.boxes)])  # (B, K, 4, D)
+        numbers = self.get_input_embeddings()(
+            number_ids[box_numbers(proposals.boxes, self.config.box_grid)]
+        )  # (B, K, 4, D)
         return torch.cat([region.unsqueeze(2), numbers.to(region.dtype)], dim=2).flatten(1, 2)
 
     def get_image_features(

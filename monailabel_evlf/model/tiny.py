@@ -114,6 +114,7 @@ def build_tiny_evlf(
     pixel_pool: int = 2,
     train_encoders: bool = False,
     num_proposals: int = 0,
+    box_grid: int = 100,
     dense_channels: tuple[int, int, int] = (16, 32, 64),
     dense_hidden_size: int = 48,
     num_heads: int = 4,
@@ -123,8 +124,9 @@ def build_tiny_evlf(
 
     The pixel encoder is a tiny DINOv2 with the grid connector (``num_proposals=0``), or with ``num_proposals`` K > 0
     the stride-2 convolutional encoder (:mod:`~monailabel_evlf.model.dense_encoder`, input ``image_size`` px) with the
-    detection connector over the phantoms' lesion kinds and organs. With ``out_dir`` both are saved there
-    (safetensors) and reloadable with ``from_pretrained``. Returns ``(model, processor)``.
+    detection connector over the phantoms' lesion kinds and organs; its box numbers run 0..``box_grid``. With
+    ``out_dir`` both are saved there (safetensors) and reloadable with ``from_pretrained``. Returns
+    ``(model, processor)``.
     """
     placeholders = (IMAGE_TOKEN, DISEASE_TOKEN, PIXEL_TOKEN, REGION_TOKEN, COORD_TOKEN)
     tokenizer = build_tokenizer(placeholders, chat_template=CHAT_TEMPLATE)
@@ -140,6 +142,7 @@ def build_tiny_evlf(
             "region_token_id": tokenizer.convert_tokens_to_ids(REGION_TOKEN),
             "coordinate_token_id": tokenizer.convert_tokens_to_ids(COORD_TOKEN),
             "number_token_ids": tokenizer.convert_tokens_to_ids(list(NUMBER_TOKENS)),
+            "box_grid": box_grid,
         }
     else:
         pixel_config, detection = Dinov2Config(**vision, mlp_ratio=2, image_size=image_size), {}

@@ -184,7 +184,9 @@ def build_demo_model(
     smooth_number_embeddings(model, processor.tokenizer)
     model.save_pretrained(work / "init", safe_serialization=True)
     processor.save_pretrained(work / "init")
-    backend = EVLFBackend.from_pretrained(str(work / "init"), **config.backend)
+    # lora_seed None: LoRA A continues the stream the model seed started (build_tiny_evlf), as when the committed
+    # model was built; the build is reproducible by its seeds either way
+    backend = EVLFBackend.from_pretrained(str(work / "init"), **{"lora_seed": None, **config.backend})
     data = config.data
     options = sample_options(data, backend)
     held_out_studies = phantom_studies(data, "held_out")

@@ -206,3 +206,23 @@ def test_boolean_backend_options_use_the_shared_parser():
     assert parse_options({"local_files_only": "Yes"}) == {"local_files_only": True}
     with pytest.raises(ValueError, match=r"backend\.local_files_only must be a boolean \(true/false.*got 'sometimes'"):
         parse_options({"local_files_only": "sometimes"})
+
+
+def test_lora_starts_from_its_seed_whatever_ran_before(tiny_dirs):
+    """The adapter's random start (LoRA A) comes from ``lora_seed``, not from torch's global stream: the app's train
+    child and a rerun of the same corrections start from the same weights (they did not, and the app's learning lift
+    varied run to run); another seed gives another start, and the global stream is left as it was."""
+
+    def start(**options) -> dict[str, torch.Tensor]:
+        torch.manual_seed(int(torch.randint(0, 1000, ()).item()) + 1)  # whatever happened earlier in the process
+        backend = EVLFBackend.from_pretrained(str(tiny_dirs["evlf"]), **options)
+        return {k: v for k, v in backend._adapter_state().items() if "lora_A" in k}
+
+    first, again, other = start(), start(), start(lora_seed="7")
+    assert first and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    EVLFBackend.from_pretrained(str(tiny_dirs["evlf"]))
+    assert torch.equal(torch.rand(3), expected)

@@ -54,6 +54,8 @@ def test_mirror_maps_of_the_mirrored_image_decode_to_the_same_box():
 def test_box_numbers_round_and_keep_a_unit_width():
     numbers = box_numbers(torch.tensor([[0.101, 0.2, 0.104, 0.2], [0.0, 0.995, 1.0, 1.0]]))
     assert numbers.tolist() == [[10, 20, 11, 21], [0, 99, 100, 100]]
+    on_pixels = box_numbers(torch.tensor([[10 / 96, 20.4 / 96, 13 / 96, 20.45 / 96], [0.0, 0.0, 1.0, 1.0]]), grid=96)
+    assert on_pixels.tolist() == [[10, 20, 13, 21], [0, 0, 96, 96]]
 
 
 def test_detection_loss_is_small_for_the_right_maps_and_large_for_wrong_ones():
@@ -110,6 +112,30 @@ def test_prompt_carries_region_and_number_tokens_and_numbers_are_the_proposals(p
     assert boxes[0].x1 == pytest.approx(first_numbers[0].item() * 60 / 100)
     assert boxes[0].y2 == pytest.approx(first_numbers[3].item() * 40 / 100)
     assert boxes[0].label in config.finding_labels and 0.0 <= boxes[0].score <= 1.0
+
+
+def test_a_pixel_grid_model_reads_and_writes_the_slices_own_pixel_edges(tmp_path):
+    """``box_grid`` = the slice size: proposals and answers are whole pixels, so a 3-pixel lesion on pixel edges
+    is written exactly (on the 0..100 grid the same box comes back as [9.6, 19.2, 13.44, 23.04])."""
+    from monailabel_evlf.model.backends.evlf import EVLFBackend
+    from monailabel_evlf.model.tiny import build_tiny_evlf
+    from monailabel_evlf.tasks.box_codec import BoxConvention
+    from monailabel_evlf.tasks.parsing import parse_answer
+    from monailabel_evlf.tasks.prompts import grounding_target
+
+    build_tiny_evlf(tmp_path, image_size=32, hidden_size=32, num_layers=1, num_proposals=2, box_grid=48,
+                    dense_channels=(4, 8, 8), dense_hidden_size=8, train_encoders=True)  # fmt: skip
+    backend = EVLFBackend.from_pretrained(str(tmp_path))
+    assert backend.box_codec.convention is BoxConvention.ABSOLUTE_MODEL_INPUT
+    codec = backend.box_codec.for_image((48, 48))
+    truth = Box2D(10.0, 20.0, 13.0, 23.0, "cyst")
+    written = parse_answer(grounding_target("round, in the liver", [truth], codec), codec).boxes[0]
+    assert (written.x1, written.y1, written.x2, written.y2) == (10.0, 20.0, 13.0, 23.0)
+    image = np.zeros((48, 48, 3), np.uint8)
+    for box in backend.propose([image])[0]:
+        assert all(float(v).is_integer() for v in (box.x1, box.y1, box.x2, box.y2))
+    with pytest.raises(ValueError, match="box_grid"):
+        build_tiny_evlf(None, image_size=32, hidden_size=32, num_layers=1, num_proposals=2, box_grid=101)
 
 
 def test_generation_never_writes_placeholders(proposal_backend):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
 from monailabel_evlf.model.backend import CompletionLogprobs, SamplingConfig
 from monailabel_evlf.parsing import parse_bool
@@ -45,6 +45,7 @@ OPTION_PARSERS = {
     "lora_r": lambda name, v: int(v),
     "lora_alpha": lambda name, v: float(v),
     "lora_dropout": lambda name, v: float(v),
+    "lora_seed": lambda name, v: None if v is None or str(v).lower() == "none" else int(v),
     "lora_target_modules": lambda name, v: str(v),
     "extra_trainable": _parse_names,
     "system_prompt": lambda name, v: str(v),
@@ -93,6 +94,7 @@ class HFVLMBackend:
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         lora_target_modules: str | None = None,
+        lora_seed: int | None = 0,
         extra_trainable: Sequence[str] = (),
         system_prompt: str | None = None,
     ) -> None:
@@ -109,8 +111,13 @@ class HFVLMBackend:
             target_modules=lora_target_modules or self.default_lora_target_modules,
             modules_to_save=[*self.connector_modules(model), *extra_trainable] or None,
         )
-        # get_peft_model freezes every base weight; LoRA and modules_to_save copies are the only trainable ones
-        self.peft_model: PeftModel = get_peft_model(model, self.lora_config)
+        # get_peft_model freezes every base weight; LoRA and modules_to_save copies are the only trainable ones.
+        # LoRA A starts random: from ``lora_seed`` (the global stream untouched), so that the same corrections give
+        # the same adapter in every process (the app's train child, the benchmark, a rerun); None: the global stream
+        with torch.random.fork_rng(devices=[], enabled=lora_seed is not None):
+            if lora_seed is not None:
+                torch.manual_seed(lora_seed)
+            self.peft_model: PeftModel = get_peft_model(model, self.lora_config)
         self.model = self.peft_model.base_model.model  # LoRA layers live inside it; generate() is the HF one
         self.model.eval()
         self._initial_state = {k: v.detach().clone() for k, v in self._adapter_state().items()}
@@ -205,6 +212,8 @@ class HFVLMBackend:
         }
         if suppressed := self.suppressed_token_ids():
             kwargs["suppress_tokens"] = suppressed
+        if constraints := self.decoding_constraints(inputs, kwargs["num_return_sequences"]):
+            kwargs["logits_processor"] = LogitsProcessorList(constraints)
         if sampling.do_sample:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
@@ -222,6 +231,10 @@ class HFVLMBackend:
 
     def suppressed_token_ids(self) -> list[int]:
         """Tokens an answer must never contain (image placeholders); none by default."""
+        return []
+
+    def decoding_constraints(self, inputs: dict[str, torch.Tensor], rows_per_prompt: int) -> list[LogitsProcessor]:
+        """Logits processors for this batch's ``generate`` (``rows_per_prompt`` rows per prompt); none by default."""
         return []
 
     def stop_token_ids(self) -> list[int]:

@@ -1,4 +1,4 @@
-"""The native EVLF backend: boxes as integers 0..100 of width / height, each number a single token."""
+"""The native EVLF backend: boxes as integers 0..``box_grid`` of width / height, each number a single token."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from monailabel_evlf.model.backends.base import HFVLMBackend
 from monailabel_evlf.model.detection import DetectionTarget, box_numbers
 from monailabel_evlf.model.modeling_evlf import EVLFForConditionalGeneration
 from monailabel_evlf.model.processing_evlf import IMAGE_TOKEN, image_to_float_rgb
+from monailabel_evlf.model.proposal_decoding import ProposalBoxConstraint
 from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 
 
@@ -23,7 +24,6 @@ class EVLFBackend(HFVLMBackend):
     (nothing pretrained to preserve), wrong for pretrained encoders, which the paper keeps frozen.
     """
 
-    box_codec: ClassVar[BoxCodec] = BoxCodec(BoxConvention.NORMALIZED_100)
     model_class: ClassVar[type] = EVLFForConditionalGeneration
     default_lora_target_modules: ClassVar[str] = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
     default_connectors: ClassVar[tuple[str, ...]] = ("disease_connector", "pixel_connector")
@@ -31,6 +31,15 @@ class EVLFBackend(HFVLMBackend):
     def connector_modules(self, model: torch.nn.Module) -> tuple[str, ...]:
         encoders = ("disease_encoder", "pixel_encoder") if model.config.train_encoders else ()
         return (*self.default_connectors, *encoders)
+
+    @property
+    def box_codec(self) -> BoxCodec:
+        """0..100 of width / height (NORMALIZED_100), or, for a model whose ``config.box_grid`` is its slice size,
+        pixels of the slice resized to ``box_grid`` square: on a slice of that size, exact pixel edges."""
+        grid = self.model.config.box_grid
+        if grid == 100:
+            return BoxCodec(BoxConvention.NORMALIZED_100)
+        return BoxCodec(BoxConvention.ABSOLUTE_MODEL_INPUT, lambda size: (grid, grid))
 
     def prepare_image(self, image: np.ndarray) -> np.ndarray:
         image_to_float_rgb(image)  # validates grayscale / 16-bit / float / RGB inputs with a clear error
@@ -43,6 +52,17 @@ class EVLFBackend(HFVLMBackend):
         if config.num_proposals:
             ids |= {config.region_token_id, config.coordinate_token_id}
         return sorted(ids)
+
+    def decoding_constraints(self, inputs: dict[str, torch.Tensor], rows_per_prompt: int) -> list:
+        """With ``config.boxes_from_proposals``, every box an answer writes is one of the proposals the LLM was shown
+        (:mod:`~monailabel_evlf.model.proposal_decoding`)."""
+        config = self.model.config
+        if not (config.num_proposals and config.boxes_from_proposals):
+            return []
+        proposals, _ = self.model.model.propose(inputs["dense_pixel_values"])
+        numbers = box_numbers(proposals.boxes, config.box_grid)
+        prompt_length = inputs["input_ids"].shape[1]
+        return [ProposalBoxConstraint(self.tokenizer, config.number_token_ids, numbers, prompt_length, rows_per_prompt)]
 
     @property
     def input_window(self) -> str | None:
@@ -78,12 +98,12 @@ class EVLFBackend(HFVLMBackend):
 
     @torch.no_grad()
     def propose(self, images: Sequence[np.ndarray]) -> list[list[Box2D]]:
-        """Each slice's region proposals as the LLM reads them: boxes on the 0..100 grid mapped to image pixels,
+        """Each slice's region proposals as the LLM reads them: boxes on the model's number grid mapped to pixels,
         best first, scored by the predicted IoU times the centre peak, labelled with the most likely finding."""
         if not self.has_proposals:
             raise ValueError(f"{self.model_id}: no detection pixel connector, so no region proposals")
         proposals, _ = self.model.model.propose(self._dense(images))
-        numbers = box_numbers(proposals.boxes).cpu().numpy()
+        numbers = box_numbers(proposals.boxes, self.model.config.box_grid).cpu().numpy()
         scores = (proposals.scores * proposals.quality).cpu().numpy()
         labels = proposals.label_probs.argmax(-1).cpu().numpy()
         names = self.model.config.finding_labels
