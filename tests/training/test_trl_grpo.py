@@ -200,8 +200,11 @@ def test_short_trl_run_raises_a_learnable_reward(tiny_path, samples, tmp_path):
 def test_trl_adapter_goes_through_the_registry_and_serves(tiny_path, samples, tmp_path):
     backend = EVLFBackend.from_pretrained(str(tiny_path))
     registry = AdapterRegistry(tmp_path / "adapters", "tiny")
+    # The answer rewards are 0 for every answer of a random tiny model (no spread: GRPO would not move); the
+    # length reward spreads within a group, so the adapter that goes through the registry is a trained one.
     stage = GRPOStage(
-        GRPOConfig(steps=2, batch_size=2, group_size=2, learning_rate=0.05, max_new_tokens=8),
+        GRPOConfig(steps=2, batch_size=2, group_size=4, learning_rate=0.05, max_new_tokens=8),
+        reward_funcs=[short_answers],
         trainer="trl",
         trl=options(tmp_path),
     )
@@ -214,6 +217,7 @@ def test_trl_adapter_goes_through_the_registry_and_serves(tiny_path, samples, tm
     trained = {k: v.detach() for k, v in backend._adapter_state().items()}
     for name, value in served._adapter_state().items():
         assert torch.equal(value.detach(), trained[name]), name
+    # both start from the same seeded LoRA init (lora_seed), so this compares trained with untrained weights
     assert any(not torch.equal(v, served._initial_state[k]) for k, v in trained.items())  # GRPO moved it
     prompt = [samples[0].prompt]
     answer = served.generate([samples[0].image], prompt, sampling=SamplingConfig(max_new_tokens=16))
