@@ -43,6 +43,7 @@ DEFAULT_SHAPE: tuple[int, int, int] = (96, 96, 40)
 GROUND_TRUTH_DIR = "ground_truth"
 DICOM_DIR = "dicom"
 _VQA_STREAM = 1  # the VQA set's generator is seeded [*study seed, _VQA_STREAM], apart from the image's
+_ENHANCEMENT_STREAM = 2  # ... and the organ enhancement's, so that studies without it stay as they were
 
 AIR_HU = -1000.0
 _MIN_SHAPE = 8
@@ -170,9 +171,14 @@ def _organ_shapes(rng: np.random.Generator, center: np.ndarray) -> dict[str, Ell
 
 
 def _paint_anatomy(
-    rng: np.random.Generator, points: np.ndarray, center: np.ndarray, organs: dict[str, Ellipsoid]
+    rng: np.random.Generator,
+    points: np.ndarray,
+    center: np.ndarray,
+    organs: dict[str, Ellipsoid],
+    enhancement_hu: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Noise-free HU and organ map. Later shapes overwrite earlier ones (liver last among the solid organs)."""
+    """Noise-free HU and organ map. Later shapes overwrite earlier ones (liver last among the solid organs);
+    ``enhancement_hu`` is added to every solid organ (contrast uptake)."""
     shape = points.shape[:3]
     rel = points - center
     image = np.full(shape, AIR_HU, dtype=np.float32)
@@ -212,7 +218,7 @@ def _paint_anatomy(
     organ_hu = {}
     for name in ("right kidney", "left kidney", "spleen", "liver"):
         inside = organs[name].radius(points) < 1.0
-        organ_hu[name] = round(float(rng.uniform(*_ORGAN_HU[name])), 1)
+        organ_hu[name] = round(float(rng.uniform(*_ORGAN_HU[name])) + enhancement_hu, 1)
         image[inside] = organ_hu[name]
         organ_map[inside] = ORGANS.index(name) + 1
     return image, organ_map, organ_hu
@@ -361,13 +367,16 @@ def make_phantom(
     orientation: str | None = None,
     study_id: str | None = None,
     noise_sd_hu: tuple[float, float] | None = None,
+    organ_enhancement_hu: tuple[float, float] | None = None,
 ) -> Phantom:
     """Generate one abdominal CT study, fully determined by ``seed`` and the arguments.
 
     ``kinds`` / ``organs`` restrict the lesion kinds and host organs (a distribution shift for experiments);
     ``n_lesions`` defaults to 0-4 drawn at random (several may share an organ), ``orientation`` (one of
     :data:`ORIENTATIONS`) to a random one; ``noise_sd_hu`` is the range the quantum noise SD is drawn from (a
-    low-dose protocol is noisier than the default). A lesion that cannot be placed fully inside its host organ and the
+    low-dose protocol is noisier than the default); ``organ_enhancement_hu`` the range of the HU added to the liver,
+    spleen and kidneys (a contrast-enhanced protocol; a hyperdense lesion stays 20-35 HU above its host, a cyst keeps
+    its water density; default: none). A lesion that cannot be placed fully inside its host organ and the
     field of view is dropped (logged), so ``ground_truth["lesions"]`` is always what the image shows.
     """
     shape = tuple(int(s) for s in shape)
@@ -380,6 +389,16 @@ def make_phantom(
     noise_range = _NOISE_SD_HU if noise_sd_hu is None else tuple(float(v) for v in noise_sd_hu)
     if len(noise_range) != 2 or not 0 <= noise_range[0] <= noise_range[1]:
         raise ValueError(f"noise_sd_hu must be (low, high) with 0 <= low <= high, got {noise_sd_hu}")
+    enhancement = 0.0
+    if organ_enhancement_hu is not None:
+        low, high = (float(v) for v in organ_enhancement_hu)
+        if not 0 <= low <= high:
+            raise ValueError(
+                f"organ_enhancement_hu must be (low, high) with 0 <= low <= high, got {organ_enhancement_hu}"
+            )
+        enhancement = float(
+            np.random.default_rng([*np.atleast_1d(seed).tolist(), _ENHANCEMENT_STREAM]).uniform(low, high)
+        )
     rng = np.random.default_rng(seed)
     # always drawn, so giving the drawn value explicitly reproduces the same study
     drawn_orientation = str(rng.choice(ORIENTATIONS))
@@ -395,7 +414,7 @@ def make_phantom(
     points = voxel_to_world(index + 0.5, affine).astype(np.float32)  # voxel centres
 
     organ_shapes = _organ_shapes(rng, anatomy_center)
-    image, organ_map, organ_hu = _paint_anatomy(rng, points, anatomy_center, organ_shapes)
+    image, organ_map, organ_hu = _paint_anatomy(rng, points, anatomy_center, organ_shapes, enhancement)
     texture = _smooth_noise(rng, shape, 1.5)
     solid = organ_map > 0
     image[solid] += rng.uniform(4.0, 8.0) * texture[solid]

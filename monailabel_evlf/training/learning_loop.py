@@ -1,12 +1,13 @@
 """``evlf bench learning-loop``: does the annotation loop learn? Zero-shot vs few-shot fine-tuning on a shift.
 
 The shifted cases are something the demo model lacks (configs/training/learning-loop.yaml says which and why:
-a noisier, low-dose protocol it never saw). Each "corrected case" is one phantom study whose lesion boxes stand in for a
-radiologist's corrected ROI boxes and go through :func:`~monailabel_evlf.training.samples.correction_samples`, the
-path the MONAI Label train task uses. For each number of cases the adapter is reset to the demo weights and trained
-by each method on the same samples — SFT, GRPO (grounding IoU + format rewards) and the paper's SFT then GRPO,
-each after the detector stage for models with the detection connector — then measured on held-out shifted cases
-(Acc@0.5, mIoU) with wall time and, for GRPO, the share of groups whose rewards differ (the groups with signal).
+a contrast-enhanced protocol whose bright organs it never saw). Each "corrected case" is one phantom study whose
+lesion boxes stand in for a radiologist's corrected ROI boxes and go through
+:func:`~monailabel_evlf.training.samples.correction_samples`, the path the MONAI Label train task uses. For each
+number of cases the adapter is reset to the demo weights and trained by each method on the same samples — SFT,
+GRPO (grounding IoU + format rewards) and the paper's SFT then GRPO, each after the detector stage for models with
+the detection connector — then measured on held-out shifted cases (Acc@0.5, mIoU) with wall time and, for GRPO,
+the share of groups whose rewards differ (the groups with signal).
 
 The model, training and imaging imports are lazy (inside the functions that run the benchmark): ``evlf`` imports
 this module to register the sub-command, and ``evlf --help`` should not load monai and transformers.
@@ -48,7 +49,8 @@ class LearningLoopConfig:
     seed: int = 2024
     size: tuple[int, int] = (96, 96)
     window: str = "model"  # "model": the window the model was trained with
-    noise_sd_hu: tuple[float, float] | None = None  # the shift: a noisier (low-dose) protocol
+    noise_sd_hu: tuple[float, float] | None = None  # a shift: a noisier (low-dose) protocol
+    organ_enhancement_hu: tuple[float, float] | None = None  # a shift: a contrast-enhanced protocol
     phantom_shape: tuple[int, int, int] = (96, 96, 40)
     methods: list[str] = field(default_factory=lambda: ["sft", "grpo", "sft+grpo"])
     detector: dict[str, Any] | None = None  # the detector stage before each method (detection-connector models)
@@ -77,6 +79,7 @@ def shifted_cases(config: LearningLoopConfig, count: int, seed_offset: int, opti
             organs=config.organs,
             n_lesions=1,
             noise_sd_hu=config.noise_sd_hu,
+            organ_enhancement_hu=config.organ_enhancement_hu,
         )
         index += 1
         lesions = phantom.ground_truth["lesions"]

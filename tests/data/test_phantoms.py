@@ -262,6 +262,29 @@ def test_a_low_dose_protocol_is_noisier_and_changes_nothing_else():
     assert (low_dose.image - standard.image)[background].std() > 15.0  # 40 HU SD against 6-18 HU, then smoothed
 
 
+def test_an_enhanced_protocol_brightens_the_organs_and_keeps_lesions_relative_to_them():
+    seed = 11
+    plain = make_phantom(seed, shape=SMALL, n_lesions=3, kinds=["cyst", "hyperdense lesion"])
+    enhanced = make_phantom(
+        seed, shape=SMALL, n_lesions=3, kinds=["cyst", "hyperdense lesion"], organ_enhancement_hu=(70.0, 70.0)
+    )
+    np.testing.assert_array_equal(plain.labelmap, enhanced.labelmap)  # same anatomy and lesions
+    before, after = plain.ground_truth["organ_attenuation_hu"], enhanced.ground_truth["organ_attenuation_hu"]
+    assert {name: round(after[name] - before[name], 1) for name in before} == dict.fromkeys(before, 70.0)
+    for old, new in zip(plain.ground_truth["lesions"], enhanced.ground_truth["lesions"], strict=True):
+        if old["label"] == "cyst":  # water stays water
+            assert new["attenuation_hu"] == old["attenuation_hu"]
+        else:  # 20-35 HU above its host, whatever the host's enhancement
+            assert round(new["attenuation_hu"] - old["attenuation_hu"], 1) == 70.0
+    assert {lesion["label"] for lesion in plain.ground_truth["lesions"]} == {"cyst", "hyperdense lesion"}
+    liver = (enhanced.organ_map == ORGANS.index("liver") + 1) & (enhanced.labelmap == 0)
+    assert np.median(enhanced.image[liver]) > before["liver"] + 50.0  # the picture, not only the sidecar
+    drawn = make_phantom(seed, shape=SMALL, organ_enhancement_hu=(40.0, 80.0)).ground_truth["organ_attenuation_hu"]
+    assert (
+        40.0 <= drawn["liver"] - make_phantom(seed, shape=SMALL).ground_truth["organ_attenuation_hu"]["liver"] <= 80.0
+    )
+
+
 def test_same_seed_same_phantom_other_seed_other_phantom():
     a, b = make_phantom(7, shape=SMALL), make_phantom(7, shape=SMALL)
     np.testing.assert_array_equal(a.image, b.image)
@@ -311,6 +334,7 @@ def test_kinds_and_organs_restrict_the_lesions(seed, kinds, organs):
         ({"orientation": "sideways"}, "orientation"),
         ({"n_lesions": -1}, "n_lesions"),
         ({"noise_sd_hu": (30.0, 10.0)}, "noise_sd_hu"),
+        ({"organ_enhancement_hu": (-10.0, 10.0)}, "organ_enhancement_hu"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):

@@ -1,7 +1,7 @@
 """The learning loop through the MONAI Label train task: corrections of a kind the demo model handles badly ->
 ``evlf_train`` -> a promoted adapter that grounds better on held-out studies; and the gate keeping a worse one out.
 
-The shift is the learning-loop benchmark's (configs/training/learning-loop.yaml): a noisier, low-dose protocol.
+The shift is the learning-loop benchmark's (configs/training/learning-loop.yaml): a contrast-enhanced protocol.
 Corrections are the phantoms' true boxes, saved through the 3D Slicer client as a radiologist's ROI markups.
 Held-out studies are other seeds, scored in this process with the promoted adapter and without it.
 """
@@ -44,6 +44,7 @@ def shifted_phantom(stream: int, index: int):
         organs=SHIFT.organs,
         n_lesions=1,
         noise_sd_hu=SHIFT.noise_sd_hu,
+        organ_enhancement_hu=SHIFT.organ_enhancement_hu,
         study_id=f"shifted_{stream}_{index:03d}",
     )
 
@@ -93,12 +94,8 @@ def grounding_acc(adapter: Path | None, samples: list) -> float:
     return evaluate(backend, samples).flat()["acc@0.5"]
 
 
-# Not in the default run: the lift through the app is not reproducible run to run. Held-out Acc@0.5 after the same
-# 64 corrections and the same request: 0.234 (2026-12-02); 0.156, 0.078, 0.172 and >= 0.191 (2026-12-07, same code,
-# the last two with PYTHONHASHSEED=0) against 0.141 zero-shot, so the app's training path is not deterministic by
-# seed (not through Python's hash seed) and the lift is not robust
-# (issue 9, item 3, stays open). Run it on purpose with `-m slow`.
-@pytest.mark.slow
+# About 6 minutes on 2 cores. Deterministic since LoRA A is drawn from lora_seed (before, each process drew its own
+# init and the same corrections gave 0.234, 0.156, 0.078 or 0.172 on the low-dose shift of the time).
 def test_corrections_through_the_train_task_make_a_better_promoted_adapter(
     studies, adapters, held_out, tmp_path, slicer_client_class
 ):
@@ -124,9 +121,10 @@ def test_corrections_through_the_train_task_make_a_better_promoted_adapter(
     assert promoted is not None and promoted.name == "v0001"
     before, after = grounding_acc(None, held_out), grounding_acc(promoted.path, held_out)
     print(f"held-out shifted Acc@0.5: demo model {before:.3f}, promoted adapter {after:.3f} (n={len(held_out)})")
-    # measured here: 0.141 -> 0.234 (48 of the 64 corrections train, the rest gate; the benchmark trains on all 64:
-    # +0.234); 64 held-out samples, so +0.05 (3 more lesions found) is the margin that says "better", not noise
-    assert after >= before + 0.05
+    # measured here (2026-12-07): 0.203 -> 0.422 (48 of the 64 corrections train, the rest gate; the benchmark's
+    # 64-case rows, all 64 training: 0.422-0.469). +0.10 (7 of the 64 held-out samples) asks for a lift well past
+    # noise while leaving room for another CPU's arithmetic to take a different training path
+    assert after >= before + 0.10
 
 
 def test_the_gate_refuses_an_adapter_trained_on_wrong_boxes(held_out, tmp_path):

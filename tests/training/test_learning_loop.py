@@ -31,12 +31,14 @@ def test_rejects_empty_shots(tmp_path):
         run_learning_loop(LearningLoopConfig(shots=[0]), tmp_path)
 
 
-def test_shipped_config_is_a_low_dose_shift_with_the_detector_stage():
+def test_shipped_config_is_an_enhanced_protocol_with_the_detector_stage():
     from monailabel_evlf.training.commands import CONFIG_DIR
     from monailabel_evlf.training.learning_loop import load_learning_loop_config
 
     config = load_learning_loop_config(CONFIG_DIR / "learning-loop.yaml")
-    assert config.window == "model" and min(config.noise_sd_hu) > 18.0  # noisier than any training phantom (6-18)
+    assert config.window == "model" and config.noise_sd_hu is None  # the training phantoms' noise
+    # organs brighter than any training phantom's by more than the liver's whole training range (48-70 HU)
+    assert min(config.organ_enhancement_hu) > 22.0
     assert config.detector["steps"] == 400 and set(config.methods) == {"sft", "sft+grpo"}
 
 
