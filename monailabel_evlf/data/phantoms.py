@@ -375,8 +375,8 @@ def make_phantom(
     ``n_lesions`` defaults to 0-4 drawn at random (several may share an organ), ``orientation`` (one of
     :data:`ORIENTATIONS`) to a random one; ``noise_sd_hu`` is the range the quantum noise SD is drawn from (a
     low-dose protocol is noisier than the default); ``organ_enhancement_hu`` the range of the HU added to the liver,
-    spleen and kidneys (a contrast-enhanced protocol; a hyperdense lesion stays 20-35 HU above its host, a cyst keeps
-    its water density; default: none). A lesion that cannot be placed fully inside its host organ and the
+    spleen and kidneys (a contrast-enhanced protocol; a hyperdense lesion stays 20-35 HU above its host, a cyst and a
+    ring's rim keep theirs; default: none). A lesion that cannot be placed fully inside its host organ and the
     field of view is dropped (logged), so ``ground_truth["lesions"]`` is always what the image shows.
     """
     shape = tuple(int(s) for s in shape)
