@@ -22,8 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from monailabel_evlf.data.vqa import size_answer
 from monailabel_evlf.imaging.aggregation import extend_into_weak_detections, link_slice_detections
-from monailabel_evlf.imaging.geometry import Box2D, VoxelBox, WorldBox, box_iou_2d, voxel_box_to_world
+from monailabel_evlf.imaging.geometry import (
+    Box2D,
+    VoxelBox,
+    WorldBox,
+    affine_spacing_and_directions,
+    box_iou_2d,
+    voxel_box_to_world,
+)
 from monailabel_evlf.imaging.slicing import (
     RenderedSlice,
     choose_axis,
@@ -37,7 +45,7 @@ from monailabel_evlf.model.backend import SamplingConfig, VLMBackend
 from monailabel_evlf.tasks.labels import NORMAL_LABEL, LabelMatcher, normalize
 from monailabel_evlf.tasks.parsing import ParsedAnswer, parse_answer
 from monailabel_evlf.tasks.prompts import diagnosis_prompt, grounding_prompt, vqa_prompt
-from monailabel_evlf.tasks.questions import organ_matches, parse_study_question
+from monailabel_evlf.tasks.questions import organ_matches, parse_study_question, size_option
 
 
 @dataclass(frozen=True)
@@ -394,9 +402,10 @@ class VolumePipeline:
         options: Sequence[str] | None = None,
         grounded: VolumeResult | None = None,
     ) -> VolumeResult:
-        """A question about the whole study (:mod:`~monailabel_evlf.tasks.questions`): presence and counts from the
-        study's 3D findings (:meth:`ground`; a finding's organ is asked on its middle slice when the question names
-        one), questions about a finding asked on the middle slice of the largest one, anything else by slice vote.
+        """A question about the whole study (:mod:`~monailabel_evlf.tasks.questions`): presence, counts and sizes from
+        the study's 3D findings (:meth:`ground`; a finding's organ is asked on its middle slice when the question names
+        one; a size is the longest edge in mm of the largest finding's box), questions about a finding asked on the
+        middle slice of the largest one, anything else by slice vote.
         ``scores`` holds the 3D findings the answer rests on (label -> score); ``grounded``: this volume's
         :meth:`ground` result if already at hand (several questions about one study)."""
         if not question or not question.strip():
@@ -412,23 +421,28 @@ class VolumePipeline:
             organs = [self.answer(volume, organ_question, indices=[self._middle(s)]).answer for _, s in boxes]
             boxes = [b for b, organ in zip(boxes, organs, strict=True) if organ_matches(organ, asked.organ)]
         where = f" in the {asked.organ}" if asked.organ else ""
-        if asked.kind == "finding" and boxes:
-            _, support = max(boxes, key=lambda item: float(np.prod(item[0].hi - item[0].lo)))
-            result = self.answer(volume, question, options, indices=[self._middle(support)])
+        largest = max(boxes, key=lambda item: float(np.prod(item[0].hi - item[0].lo)), default=None)
+        if asked.kind == "finding" and largest is not None:
+            result = self.answer(volume, question, options, indices=[self._middle(largest[1])])
         else:
             result = VolumeResult("vqa", self.backend.model_id, found.axis, found.slice_indices, found.answers)
             if asked.kind == "count":
                 result.answer = _closest_option(str(len(boxes)), options)
             elif asked.kind == "presence":
                 result.answer = _closest_option("yes" if boxes else "no", options)
+            elif asked.kind == "size" and largest is not None:
+                boxes = [largest]
+                mm = _longest_edge_mm(largest[0], volume.affine)
+                result.answer = size_option(mm, options) or size_answer(mm)
             else:  # a question about a finding where there is none
                 result.answer = "no finding"
             labels = ", ".join(f"{b.label} (slices {s[0]}-{s[-1]}, score {b.score:.2f})" for b, s in boxes if s)
-            result.reasoning = (
-                f"The study shows {len(boxes)} finding(s){where} as 3D boxes: {labels}."
-                if boxes
-                else f"No finding{where} was seen on any examined slice."
-            )
+            if asked.kind == "size" and boxes:
+                result.reasoning = f"The largest finding{where}, {labels}, measures {mm:.1f} mm along its longest edge."
+            elif boxes:
+                result.reasoning = f"The study shows {len(boxes)} finding(s){where} as 3D boxes: {labels}."
+            else:
+                result.reasoning = f"No finding{where} was seen on any examined slice."
         result.task = "vqa"
         result.voxel_boxes = [b for b, _ in boxes]
         result.box_slices = [s for _, s in boxes]
@@ -472,6 +486,12 @@ class VolumePipeline:
 
 def _labelled(box: Box2D, label: str | None, score: float | None) -> Box2D:
     return Box2D(box.x1, box.y1, box.x2, box.y2, label=label, score=score)
+
+
+def _longest_edge_mm(box: VoxelBox, affine: np.ndarray) -> float:
+    """The longest edge of a voxel box in mm (voxel axes scaled by their spacing; oblique grids included)."""
+    spacing = affine_spacing_and_directions(affine)[0]
+    return float(np.max((box.hi - box.lo) * spacing))
 
 
 def _closest_option(answer: str, options: Sequence[str] | None) -> str:

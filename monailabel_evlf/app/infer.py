@@ -188,8 +188,8 @@ VQA_SCOPES = ("study", "slices")
 
 class VQATask(EVLFInferTask):
     """``question`` (and optional ``options`` for a closed question) -> answer + reasoning. ``scope``: ``study``
-    (default; presence and counts from the study's 3D findings, see ``VolumePipeline.answer_study``) or ``slices``
-    (the most common answer over the examined slices)."""
+    (default; presence, counts and sizes from the study's 3D findings, see ``VolumePipeline.answer_study``) or
+    ``slices`` (the most common answer over the examined slices)."""
 
     task_type = InferType.OTHERS
 

@@ -2,14 +2,18 @@
 
 A slice-by-slice model cannot answer "is there a lesion in this study?" or "how many lesions?" by voting: most
 slices of an abnormal study are normal, and a lesion on five slices is one lesion, not five. Those two question
-kinds are answered from the grounding pipeline's 3D boxes; questions about a finding ("which side is the lesion
-on?") go to the model on the slice that shows the largest finding; the rest (modality, ...) keep the slice vote.
-Plain keyword rules, because the question kinds are few and a wrong rule must be easy to see and fix.
+kinds are answered from the grounding pipeline's 3D boxes, and so is "how large" (measured on the box in mm, as a
+reader measures, rather than guessed from a picture resized without its pixel spacing); questions about a finding
+("which side is the lesion on?") go to the model on the slice that shows the largest finding; the rest (modality,
+...) keep the slice vote. Plain keyword rules, because the question kinds are few and a wrong rule must be easy to
+see and fix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,7 +40,11 @@ ORGAN_WORDS: tuple[str, ...] = (
 _YES_NO_STARTS = ("is ", "are ", "does ", "do ", "has ", "have ", "can ")
 _FINDING_WORDS = ("lesion", "lesions", "abnormality", "abnormal", "finding", "findings", "mass", "nodule", "tumour")
 
-StudyQuestionKind = Literal["presence", "count", "finding", "other"]
+_SIZE_WORDS = ("size", "large", "big", "diameter", "measure", "measures", "wide", "long")
+_BELOW_WORDS = ("under", "below", "less", "smaller")
+_ABOVE_WORDS = ("over", "above", "more", "larger", "greater", "bigger")
+
+StudyQuestionKind = Literal["presence", "count", "size", "finding", "other"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,8 @@ def parse_study_question(
     question: str, labels: Iterable[str] = (), organs: Iterable[str] = ORGAN_WORDS
 ) -> StudyQuestion:
     """``presence``: a yes/no question about any finding ("Does the liver contain a focal lesion?"); ``count``: "how
-    many" / "number of"; ``finding``: about a finding ("Which side is the lesion on?", "Is the cyst in the upper or
+    many" / "number of"; ``size``: how large a finding is ("What is the diameter of the cyst?"); ``finding``: about a
+    finding ("Which side is the lesion on?", "Is the cyst in the upper or
     lower part ...?"; ``labels`` are finding names too); ``other``: anything else (modality)."""
     text = f" {normalize(question)} "
     words = set(text.split())
@@ -62,6 +71,8 @@ def parse_study_question(
         return StudyQuestion("count", organ)
     if text.lstrip().startswith(_YES_NO_STARTS) and " or " not in text and about_finding:
         return StudyQuestion("presence", organ)
+    if about_finding and words.intersection(_SIZE_WORDS):
+        return StudyQuestion("size", organ)
     if about_finding or "largest" in words:
         return StudyQuestion("finding", organ)
     return StudyQuestion("other", organ)
@@ -72,4 +83,25 @@ def organ_matches(answer: str, organ: str) -> bool:
     return f" {normalize(organ)} " in f" {normalize(answer)} "
 
 
-__all__ = ["ORGAN_WORDS", "StudyQuestion", "organ_matches", "parse_study_question"]
+def size_option(mm: float, options: Sequence[str] | None) -> str | None:
+    """The option whose size range holds ``mm`` ("under 10 mm", "10 to 20 mm", "over 3 cm"), or None (no options, or
+    none says a range that holds it)."""
+    for option in options or ():
+        text = option.lower()  # not normalize(): it would split "2.5 cm" into two numbers
+        words = set(re.findall(r"[a-z]+", text))
+        scale = 10.0 if "cm" in words else 1.0
+        numbers = [float(n) * scale for n in re.findall(r"\d+(?:\.\d+)?", text)]
+        if len(numbers) == 2:
+            low, high = sorted(numbers)
+        elif len(numbers) == 1 and words.intersection(_BELOW_WORDS):
+            low, high = 0.0, numbers[0]
+        elif len(numbers) == 1 and words.intersection(_ABOVE_WORDS):
+            low, high = numbers[0], math.inf
+        else:
+            continue
+        if low <= mm < high:
+            return option
+    return None
+
+
+__all__ = ["ORGAN_WORDS", "StudyQuestion", "organ_matches", "parse_study_question", "size_option"]

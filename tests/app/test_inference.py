@@ -177,3 +177,24 @@ def test_answers_carry_the_models_own_confidence(dataset, backend):
 
     oracle = VolumePipeline(backend, config).ground(volume)  # cannot score its answers: no confidence, no crash
     assert {a.confidence for a in oracle.answers} == {None}
+
+
+def test_a_size_question_is_answered_by_measuring_the_largest_3d_box(dataset, backend):
+    """A study's size answer is the longest edge in mm of its largest 3D box (voxel edges times their spacing): on
+    the oracle's boxes, which equal the true ones, the answer is the sidecar's, on the oblique grid too."""
+    from monailabel_evlf.data.vqa import SIZE_BUCKETS, size_answer
+
+    pipeline = VolumePipeline(backend, PipelineConfig(image_size=80, batch_size=5))
+    for study in studies(dataset):
+        truth = json.loads((dataset / "ground_truth" / f"{study}.json").read_text())
+        boxes = [(np.array(les["voxel_box"]["lo"]), np.array(les["voxel_box"]["hi"])) for les in truth["lesions"]]
+        lo, hi = max(boxes, key=lambda box: float(np.prod(box[1] - box[0])))
+        expected_mm = float(np.max((hi - lo) * np.array(truth["spacing"])))
+        volume = load_volume(dataset / f"{study}.nii.gz")
+        grounded = pipeline.ground(volume)
+        closed = pipeline.answer_study(volume, "How large is the lesion?", SIZE_BUCKETS, grounded=grounded)
+        bucket = next(b for b, limit in zip(SIZE_BUCKETS, (10, 20, 30, np.inf), strict=True) if expected_mm < limit)
+        assert closed.answer == bucket, (study, expected_mm)
+        assert f"{expected_mm:.1f} mm" in closed.reasoning and len(closed.voxel_boxes) == 1
+        opened = pipeline.answer_study(volume, "What is the diameter of the lesion?", grounded=grounded)
+        assert opened.answer == size_answer(expected_mm)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from monailabel_evlf.data.phantoms import LESION_KINDS, make_phantom, vqa_items
-from monailabel_evlf.tasks.questions import organ_matches, parse_study_question
+from monailabel_evlf.tasks.questions import organ_matches, parse_study_question, size_option
 
 EXPECTED_KIND = {
     "presence": "presence",
@@ -13,7 +13,7 @@ EXPECTED_KIND = {
     "modality": "other",
     "organ": "finding",
     "side": "finding",
-    "size": "finding",
+    "size": "size",
     "kind": "finding",
     "position": "finding",
 }
@@ -38,6 +38,8 @@ def test_every_study_question_of_the_vqa_set_is_sorted_by_its_type(seed):
         ("What is the number of lesions in this scan?", "count", None),
         ("Is the cyst in the upper or lower part of the liver?", "finding", "liver"),
         ("In which organ is the cyst?", "finding", None),
+        ("How big is the cyst in the spleen?", "size", "spleen"),
+        ("Which organ holds the largest lesion?", "finding", None),
         ("What kind of scan is this?", "other", None),
     ],
 )
@@ -51,3 +53,20 @@ def test_organ_answers_match_whole_organ_names():
     assert organ_matches("left kidney", "kidney")
     assert not organ_matches("right kidney", "left kidney")
     assert not organ_matches("liver", "spleen")
+
+
+@pytest.mark.parametrize(
+    ("mm", "options", "chosen"),
+    [
+        (9.9, ["under 10 mm", "10 to 20 mm", "over 30 mm"], "under 10 mm"),
+        (10.0, ["under 10 mm", "10 to 20 mm", "over 30 mm"], "10 to 20 mm"),
+        (31.0, ["under 10 mm", "10 to 20 mm", "over 30 mm"], "over 30 mm"),
+        (25.0, ["less than 2 cm", "2-3 cm", "more than 3 cm"], "2-3 cm"),
+        (22.0, ["below 2.5 cm", "above 2.5 cm"], "below 2.5 cm"),
+        (25.0, ["under 10 mm", "10 to 20 mm"], None),  # no option holds it
+        (25.0, ["small", "large"], None),  # no ranges to read
+        (25.0, None, None),
+    ],
+)
+def test_size_option_reads_the_range_each_option_says(mm, options, chosen):
+    assert size_option(mm, options) == chosen
