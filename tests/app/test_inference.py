@@ -182,7 +182,7 @@ def test_answers_carry_the_models_own_confidence(dataset, backend):
 def test_a_size_question_is_answered_by_measuring_the_largest_3d_box(dataset, backend):
     """A study's size answer is the longest edge in mm of its largest 3D box (voxel edges times their spacing): on
     the oracle's boxes, which equal the true ones, the answer is the sidecar's, on the oblique grid too."""
-    from monailabel_evlf.data.vqa import SIZE_BUCKETS, size_answer
+    from monailabel_evlf.data.vqa import SIZE_BUCKETS, size_answer, size_bucket
 
     pipeline = VolumePipeline(backend, PipelineConfig(image_size=80, batch_size=5))
     for study in studies(dataset):
@@ -193,8 +193,7 @@ def test_a_size_question_is_answered_by_measuring_the_largest_3d_box(dataset, ba
         volume = load_volume(dataset / f"{study}.nii.gz")
         grounded = pipeline.ground(volume)
         closed = pipeline.answer_study(volume, "How large is the lesion?", SIZE_BUCKETS, grounded=grounded)
-        bucket = next(b for b, limit in zip(SIZE_BUCKETS, (10, 20, 30, np.inf), strict=True) if expected_mm < limit)
-        assert closed.answer == bucket, (study, expected_mm)
+        assert closed.answer == size_bucket(expected_mm), (study, expected_mm)
         assert f"{expected_mm:.1f} mm" in closed.reasoning and len(closed.voxel_boxes) == 1
         opened = pipeline.answer_study(volume, "What is the diameter of the lesion?", grounded=grounded)
         assert opened.answer == size_answer(expected_mm)
