@@ -324,7 +324,8 @@ class VolumePipeline:
         return result
 
     def ground(self, volume: Volume, target: str | None = None, indices: Sequence[int] | None = None) -> VolumeResult:
-        """Boxes on each slice, linked into 3D boxes (``link_slice_detections``) and mapped to LPS mm.
+        """Boxes on each slice, linked into 3D boxes (``link_slice_detections``), put on whole-voxel edges
+        (:meth:`VoxelBox.snapped`) and mapped to LPS mm.
 
         A 3D box's score is the linked detections' mean confidence (1.0 where the model gives none) times the fraction
         of examined slices in its span where it was seen, so a box with holes ranks below a solid one.
@@ -361,7 +362,7 @@ class VolumePipeline:
             scored.append((VoxelBox(grown.lo, grown.hi, label=box.label, score=round(score, 4)), support))
         scored = [item for item in scored if item[0].score >= self.config.min_box_score]
         scored.sort(key=lambda item: -item[0].score)
-        result.voxel_boxes = [box for box, _ in scored]
+        result.voxel_boxes = [box.snapped() for box, _ in scored]  # whole voxels, as the finding lies
         result.box_slices = [support for _, support in scored]
         result.task = "grounding"
         result.world_boxes = [voxel_box_to_world(box, volume.affine) for box in result.voxel_boxes]

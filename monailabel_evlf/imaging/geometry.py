@@ -145,6 +145,17 @@ class VoxelBox:
         hi = np.ceil(self.hi - 0.5).astype(int)
         return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
 
+    def snapped(self) -> VoxelBox:
+        """The box on whole-voxel edges: exactly the voxels :meth:`to_slices` covers, at least one voxel a side
+        (the one nearest the centre). A finding occupies whole voxels; sub-voxel edges of a box drawn on a resampled
+        slice are resampling error, and on a lesion 2-3 voxels wide they cost more IoU than they carry."""
+        lo = np.ceil(self.lo - 0.5)
+        hi = np.ceil(self.hi - 0.5)
+        empty = hi <= lo
+        lo[empty] = np.floor((self.lo + self.hi) / 2)[empty]
+        hi[empty] = lo[empty] + 1
+        return VoxelBox(lo=lo, hi=hi, label=self.label, score=self.score)
+
     def to_dict(self) -> dict[str, Any]:
         return {"lo": self.lo.tolist(), "hi": self.hi.tolist(), "label": self.label, "score": self.score}
 

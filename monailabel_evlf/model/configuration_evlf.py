@@ -34,6 +34,8 @@ class EVLFConfig(PreTrainedConfig):
     boxes_from_proposals: answers write each box as one of the proposals shown to the LLM (constrained decoding,
         :mod:`~monailabel_evlf.model.proposal_decoding`): the LLM chooses, the numbers are copied exactly.
     flip_average: average the proposal maps of the slice and its mirror image (test-time flip) when proposing.
+    refine_proposals: a second detector stage (:class:`~monailabel_evlf.model.detection.BoxRefiner`) re-measures
+        each proposal's box on the full-resolution input around it before the LLM sees it.
     input_window: how slices were windowed for this model in training (``imaging.windowing.window_channels``
         syntax, e.g. ``"abdomen/liver/40,80"``, one window per RGB channel); the app renders the same way unless
         told otherwise. ``None``: not recorded.
@@ -65,6 +67,7 @@ class EVLFConfig(PreTrainedConfig):
     box_grid: int = 100
     boxes_from_proposals: bool = True
     flip_average: bool = True
+    refine_proposals: bool = False
     input_window: str | None = None
     tie_word_embeddings: bool = False
 

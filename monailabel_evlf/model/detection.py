@@ -18,9 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou, generalized_box_iou_loss
+from torchvision.ops import box_iou, generalized_box_iou_loss, roi_align
 
 CENTRE_PRIOR_LOGIT = -2.19  # CenterNet's prior: a cell is a centre with p = 0.1, so early losses stay sane
+REFINE_WINDOW = 2.0  # the refiner looks at a square of twice the proposal's longer side ...
+REFINE_MIN_WINDOW = 10.0  # ... and never less than this many input pixels (a 2-pixel lesion needs its surroundings)
+REFINE_CROP = 16  # RoIAlign samples per window side
+REFINE_MIN_IOU = 0.1  # a proposal overlapping a true box at least this much learns to become that box
 
 
 @dataclass
@@ -243,6 +247,97 @@ def decode_proposals(
     )
 
 
+def _windows(boxes: torch.Tensor, image_side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, 4)`` square windows (fractions) centred on ``boxes`` and their sides (:data:`REFINE_WINDOW`)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    longer = (boxes[:, 2:] - boxes[:, :2]).max(dim=1).values
+    side = torch.clamp(REFINE_WINDOW * longer, min=REFINE_MIN_WINDOW / image_side)
+    half = side.unsqueeze(1) / 2
+    return torch.cat([centre - half, centre + half], dim=1), side
+
+
+def _ordered(boxes: torch.Tensor) -> torch.Tensor:
+    """Boxes with x1 <= x2 and y1 <= y2 (a regression may cross its edges early in training)."""
+    return torch.cat([torch.minimum(boxes[..., :2], boxes[..., 2:]), torch.maximum(boxes[..., :2], boxes[..., 2:])], -1)
+
+
+class BoxRefiner(nn.Module):
+    """Second stage of the detector: each proposal's box re-measured on the input pixels around it.
+
+    The proposal head regresses boxes from a stride-2 grid; for a lesion two or three pixels wide the grid's
+    resolution is the error (held-out top-1 Acc@0.5 of such boxes 0.39). As in two-stage detectors (Faster R-CNN's
+    RoI head), a small CNN reads a full-resolution crop (RoIAlign, torchvision's op) around the proposal and
+    predicts its edges' corrections in units of the crop. Why our own: torchvision's RoI heads are tied to its
+    Faster R-CNN models and their feature pyramids; this one reads the encoder's input image.
+    """
+
+    def __init__(self, channels: int, width: int = 32) -> None:
+        super().__init__()
+
+        def conv(inputs: int, outputs: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False),
+                nn.GroupNorm(8, outputs),
+                nn.ReLU(inplace=True),
+            )
+
+        self.cnn = nn.Sequential(conv(channels, width), conv(width, width), conv(width, 2 * width, 2))
+        features = 2 * width * (REFINE_CROP // 2) ** 2 + 4  # the crop's 8 x 8 grid and the box within the crop
+        self.out = nn.Sequential(nn.Linear(features, 4 * width), nn.ReLU(inplace=True), nn.Linear(4 * width, 4))
+        self.out[-1].zero_init = True  # read by the model's weight init: an untrained refiner moves no box
+
+    def forward(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """``pixels`` (B, C, H, W), ``boxes`` (B, K, 4) fractions -> the refined boxes (B, K, 4) fractions."""
+        batch, k = boxes.shape[:2]
+        flat = boxes.reshape(-1, 4).to(pixels.dtype)
+        side = pixels.shape[-1]
+        windows, window_side = _windows(flat, side)
+        image = torch.arange(batch, device=pixels.device, dtype=pixels.dtype).repeat_interleave(k).unsqueeze(1)
+        crops = roi_align(pixels, torch.cat([image, windows * side], dim=1), REFINE_CROP, aligned=True)
+        relative = (flat - windows[:, [0, 1, 0, 1]]) / window_side.unsqueeze(1)
+        delta = self.out(torch.cat([self.cnn(crops).flatten(1), relative], dim=1))
+        return _ordered(flat + delta * window_side.unsqueeze(1)).clamp(0.0, 1.0).view(batch, k, 4)
+
+
+def refinement_pairs(
+    proposals: torch.Tensor, targets: list[DetectionTarget], jitter: tuple[float, float] = (0.1, 0.25)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training pairs for :class:`BoxRefiner`: ``(B, M, 4)`` start boxes and the true boxes they should become.
+
+    Per image: its proposals that overlap a true box (IoU >= :data:`REFINE_MIN_IOU`), moved by Gaussian noise of
+    ``jitter[0]`` x their size, and each true box moved by ``jitter[1]`` x its size, so that the refiner learns from
+    the first steps (when the proposals are still poor) and from starts like those it will meet. Rows are padded to
+    the longest image with all-zero targets, which :func:`refinement_loss` leaves out.
+    """
+    per_image = []
+    for boxes, target in zip(proposals.detach(), targets, strict=True):
+        truth = target.boxes.to(boxes)
+        if not len(truth):  # a lesion-free image: rows of padding only
+            per_image.append((boxes.new_zeros(0, 4), boxes.new_zeros(0, 4)))
+            continue
+        best, which = box_iou(boxes, truth).max(dim=1)
+        keep = best >= REFINE_MIN_IOU
+        starts, ends = torch.cat([boxes[keep], truth]), torch.cat([truth[which[keep]], truth])
+        size = (starts[:, 2:] - starts[:, :2]).clamp(min=1e-3).repeat(1, 2)
+        noise = torch.cat([torch.full((int(keep.sum()), 1), jitter[0]), torch.full((len(truth), 1), jitter[1])])
+        per_image.append((_ordered(starts + torch.randn_like(starts) * noise.to(starts) * size).clamp(0.0, 1.0), ends))
+    width = max(len(s) for s, _ in per_image)
+    starts = proposals.new_tensor([0.0, 0.0, 0.1, 0.1]).repeat(len(per_image), width, 1)  # padding: a valid box
+    ends = proposals.new_zeros(len(per_image), width, 4)
+    for n, (s, e) in enumerate(per_image):
+        starts[n, : len(s)], ends[n, : len(e)] = s, e
+    return starts, ends
+
+
+def refinement_loss(refined: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """GIoU + smooth L1 (in units of 1/100 of the image) over the pairs of :func:`refinement_pairs`."""
+    valid = truth.flatten(0, 1).abs().sum(dim=1) > 0
+    if not valid.any():
+        return refined.sum() * 0.0
+    refined, truth = refined.flatten(0, 1)[valid], truth.flatten(0, 1)[valid]
+    return generalized_box_iou_loss(refined, truth, reduction="mean") + F.smooth_l1_loss(refined * 100, truth * 100)
+
+
 def box_numbers(boxes: torch.Tensor, grid: int = 100) -> torch.Tensor:
     """Fractions -> the integers 0..grid the LLM reads and writes (at least one unit wide and high)."""
     numbers = (boxes * grid).round().long().clamp(0, grid)
@@ -253,6 +348,7 @@ def box_numbers(boxes: torch.Tensor, grid: int = 100) -> torch.Tensor:
 
 __all__ = [
     "CENTRE_PRIOR_LOGIT",
+    "BoxRefiner",
     "DetectionHead",
     "DetectionTarget",
     "Proposals",
@@ -260,5 +356,7 @@ __all__ = [
     "decode_proposals",
     "detection_loss",
     "mirror_maps",
+    "refinement_loss",
+    "refinement_pairs",
     "split_maps",
 ]

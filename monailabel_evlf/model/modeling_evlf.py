@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from monailabel_evlf.model.configuration_evlf import EVLFConfig
 from monailabel_evlf.model.dense_encoder import init_conv
 from monailabel_evlf.model.detection import (
     CENTRE_PRIOR_LOGIT,
+    BoxRefiner,
     DetectionHead,
     DetectionTarget,
     Proposals,
@@ -37,6 +38,8 @@ from monailabel_evlf.model.detection import (
     decode_proposals,
     detection_loss,
     mirror_maps,
+    refinement_loss,
+    refinement_pairs,
 )
 
 
@@ -136,11 +139,15 @@ class EVLFPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """The transformers default (normal, std 0.02) everywhere except the convolutional parts: He init for
         convolutions (std 0.02 leaves a ReLU conv stack nearly silent; measured: a detector trained from it
-        reached top-1 Acc@0.5 0.20 where He init does far better) and CenterNet's centre prior (p = 0.1)."""
+        reached top-1 Acc@0.5 0.20 where He init does far better), CenterNet's centre prior (p = 0.1) and a box
+        refiner's last layer at zero (an untrained refiner changes no box)."""
         if isinstance(module, nn.Conv2d):
             init_conv(module)
             if getattr(module, "centre_prior", False):
                 module.bias[0] = CENTRE_PRIOR_LOGIT
+        elif getattr(module, "zero_init", False):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
         else:
             super()._init_weights(module)
 
@@ -154,6 +161,8 @@ class EVLFModel(EVLFPreTrainedModel):
         self.pixel_encoder = AutoModel.from_config(config.pixel_config)
         self.disease_connector = EVLFDiseaseConnector(config)
         self.pixel_connector = EVLFProposalConnector(config) if config.num_proposals else EVLFPixelConnector(config)
+        refine = config.num_proposals and config.refine_proposals
+        self.box_refiner = BoxRefiner(config.pixel_config.num_channels) if refine else None
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -177,24 +186,33 @@ class EVLFModel(EVLFPreTrainedModel):
         return patches.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[2], side, side)
 
     def propose(self, dense_pixel_values: torch.Tensor) -> tuple[Proposals, torch.Tensor]:
-        """The detection connector's top-K proposals and region tokens (flip-averaged if ``config.flip_average``)."""
+        """The detection connector's top-K proposals (flip-averaged if ``config.flip_average``, re-measured by the box
+        refiner if the model has one) and their region tokens."""
         if not self.config.num_proposals:
             raise ValueError("this EVLF model has a grid pixel connector: it makes no region proposals")
         cache = getattr(self, "_frozen_proposals", None)
         if cache is None:
-            return self.pixel_connector(*self._grids(dense_pixel_values))
+            return self.pixel_connector(proposals=self._proposals(dense_pixel_values))
         keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in dense_pixel_values.cpu()]
         missing = [n for n, key in enumerate(keys) if key not in cache]
         if missing:
-            found, _ = self.pixel_connector(*self._grids(dense_pixel_values[missing]))
+            found = self._proposals(dense_pixel_values[missing])
             for row, n in enumerate(missing):
                 cache[keys[n]] = Proposals(*(getattr(found, f.name)[row].detach() for f in fields(Proposals)))
         stacked = Proposals(*(torch.stack([getattr(cache[k], f.name) for k in keys]) for f in fields(Proposals)))
         return self.pixel_connector(proposals=stacked)
 
-    def _grids(self, dense_pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _proposals(self, dense_pixel_values: torch.Tensor) -> Proposals:
         grid = self.pixel_grid(dense_pixel_values)
-        return grid, self.pixel_grid(dense_pixel_values.flip(-1)) if self.config.flip_average else None
+        maps = self.pixel_connector(grid, maps_only=True)
+        mirrored = None
+        if self.config.flip_average:
+            mirrored = mirror_maps(self.pixel_connector(self.pixel_grid(dense_pixel_values.flip(-1)), maps_only=True))
+        labels, sites = len(self.config.finding_labels), len(self.config.finding_sites or ())
+        proposals = decode_proposals(maps, grid, self.config.num_proposals, labels, sites, mirrored)
+        if self.box_refiner is None:
+            return proposals
+        return replace(proposals, boxes=self.box_refiner(dense_pixel_values, proposals.boxes))
 
     @contextlib.contextmanager
     def frozen_detector(self) -> Iterator[None]:
@@ -202,7 +220,8 @@ class EVLFModel(EVLFPreTrainedModel):
         the later stages of a build: they are then a pure function of the image, and computing them is most of a
         training step's time. Only the region-token MLP, which reads them, keeps training."""
         head = [p for name, p in self.pixel_connector.named_parameters() if "head." in name]
-        if any(p.requires_grad for p in [*self.pixel_encoder.parameters(), *head]):
+        refiner = [] if self.box_refiner is None else list(self.box_refiner.parameters())
+        if any(p.requires_grad for p in [*self.pixel_encoder.parameters(), *head, *refiner]):
             raise ValueError("the pixel encoder or proposal head is trainable: its proposals cannot be cached")
         self._frozen_proposals: dict[bytes, Proposals] | None = {}
         try:
@@ -216,10 +235,18 @@ class EVLFModel(EVLFPreTrainedModel):
         targets: list[DetectionTarget],
         site_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The detection connector's training loss terms on a batch of images and their true boxes."""
-        maps = self.pixel_connector(self.pixel_grid(dense_pixel_values), maps_only=True).float()
-        config = self.config
-        return detection_loss(maps, targets, len(config.finding_labels), len(config.finding_sites or ()), site_mask)
+        """The detection connector's training loss terms on a batch of images and their true boxes; with a box
+        refiner, ``"refine"`` too (on the head's own proposals, detached, and on jittered true boxes)."""
+        grid = self.pixel_grid(dense_pixel_values)
+        maps = self.pixel_connector(grid, maps_only=True).float()
+        labels, sites = len(self.config.finding_labels), len(self.config.finding_sites or ())
+        losses = detection_loss(maps, targets, labels, sites, site_mask)
+        if self.box_refiner is not None:
+            proposals = decode_proposals(maps.detach(), grid.detach(), self.config.num_proposals, labels, sites)
+            starts, truth = refinement_pairs(proposals.boxes, targets)
+            refined = self.box_refiner(dense_pixel_values, starts) if starts.shape[1] else starts
+            losses["refine"] = refinement_loss(refined.float(), truth)
+        return losses
 
     def pixel_tokens(self, dense_pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, N, D)``: grid-cell tokens, or per proposal its region token then its four box-number embeddings."""

@@ -115,6 +115,7 @@ def build_tiny_evlf(
     train_encoders: bool = False,
     num_proposals: int = 0,
     box_grid: int = 100,
+    refine_proposals: bool = False,
     dense_channels: tuple[int, int, int] = (16, 32, 64),
     dense_hidden_size: int = 48,
     num_heads: int = 4,
@@ -124,7 +125,8 @@ def build_tiny_evlf(
 
     The pixel encoder is a tiny DINOv2 with the grid connector (``num_proposals=0``), or with ``num_proposals`` K > 0
     the stride-2 convolutional encoder (:mod:`~monailabel_evlf.model.dense_encoder`, input ``image_size`` px) with the
-    detection connector over the phantoms' lesion kinds and organs; its box numbers run 0..``box_grid``. With
+    detection connector over the phantoms' lesion kinds and organs (with ``refine_proposals``, its second-stage box
+    refiner); its box numbers run 0..``box_grid``. With
     ``out_dir`` both are saved there (safetensors) and reloadable with ``from_pretrained``. Returns
     ``(model, processor)``.
     """
@@ -143,6 +145,7 @@ def build_tiny_evlf(
             "coordinate_token_id": tokenizer.convert_tokens_to_ids(COORD_TOKEN),
             "number_token_ids": tokenizer.convert_tokens_to_ids(list(NUMBER_TOKENS)),
             "box_grid": box_grid,
+            "refine_proposals": refine_proposals,
         }
     else:
         pixel_config, detection = Dinov2Config(**vision, mlp_ratio=2, image_size=image_size), {}

@@ -162,6 +162,7 @@ def _fit(backend, slices, targets, params, config: DetectorConfig, callback) -> 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             losses = backend.detection_loss([a[0] for a in augmented], [a[1] for a in augmented], site_mask)
         loss = losses["centre"] + losses["box"] + 0.5 * (losses["label"] + losses["site"]) + 0.5 * losses["quality"]
+        loss = loss + losses.get("refine", 0.0)
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(f"detector loss became {float(loss)} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)

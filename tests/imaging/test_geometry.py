@@ -192,6 +192,19 @@ def test_boxes_are_frozen_values_with_dict_round_trips() -> None:
     np.testing.assert_array_equal(box.to_slices(), (slice(1, 4), slice(2, 5), slice(3, 6)))
 
 
+def test_a_snapped_box_covers_exactly_the_voxels_whose_centres_it_holds() -> None:
+    """Edges go to the voxel edges that keep the same voxels (centre inside); a box thinner than a voxel keeps the
+    voxel nearest its centre; label and score stay."""
+    box = VoxelBox(lo=[19.2, 28.8, 6.0], hi=[24.0, 34.6, 10.0], label="cyst", score=0.4)
+    snapped = box.snapped()
+    assert snapped == VoxelBox(lo=[19, 29, 6], hi=[24, 35, 10], label="cyst", score=0.4)
+    assert snapped.to_slices() == box.to_slices()
+    thin = VoxelBox(lo=[10.2, 3.0, 0.0], hi=[10.4, 5.0, 1.0]).snapped()  # no voxel centre inside along i
+    np.testing.assert_array_equal(thin.lo, [10, 3, 0])
+    np.testing.assert_array_equal(thin.hi, [11, 5, 1])
+    assert VoxelBox(lo=[1, 2, 3], hi=[4, 5, 6]).snapped() == VoxelBox(lo=[1, 2, 3], hi=[4, 5, 6])
+
+
 finite = st.floats(-200, 200, allow_nan=False)
 
 

@@ -191,3 +191,102 @@ def test_every_cell_inside_a_box_regresses_it_and_each_box_counts_once():
     # a second, identical image doubles neither term: the box loss is a mean over boxes
     pair = detection_loss(torch.cat([right, right]), [target, target], LABELS, SITES)["box"]
     assert float(pair) == pytest.approx(float(right_loss), abs=1e-5)
+
+
+def _squares(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` 32 px noisy images, each with one bright square 2-6 px a side at a random place, and its box."""
+    images = torch.rand(count, 3, 32, 32, generator=generator) * 0.3
+    boxes = torch.zeros(count, 4)
+    for n in range(count):
+        side = int(torch.randint(2, 7, (1,), generator=generator))
+        x, y = (int(v) for v in torch.randint(4, 32 - side - 4, (2,), generator=generator))
+        images[n, :, y : y + side, x : x + side] += 0.7
+        boxes[n] = torch.tensor([x, y, x + side, y + side]) / 32
+    return images, boxes
+
+
+def test_an_untrained_refiner_keeps_the_boxes_and_a_trained_one_finds_the_edges():
+    """Zero-initialised last layer: the refiner starts as the identity. Trained on jittered true boxes of bright
+    squares 2-6 px wide, it moves held-out jittered starts onto the squares' edges (mean IoU well above the start's)."""
+    from torchvision.ops import box_iou
+
+    from monailabel_evlf.model.detection import BoxRefiner, refinement_loss, refinement_pairs
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    refiner = BoxRefiner(3)
+    torch.nn.init.zeros_(refiner.out[-1].weight)  # what the model's weight init does (zero_init)
+    torch.nn.init.zeros_(refiner.out[-1].bias)
+    images, truth = _squares(64, generator)
+    starts = truth + torch.randn(64, 4, generator=generator) * 0.02
+    starts = torch.cat([torch.minimum(starts[:, :2], starts[:, 2:]), torch.maximum(starts[:, :2], starts[:, 2:])], 1)
+    with torch.no_grad():
+        assert torch.allclose(refiner(images, starts.unsqueeze(1)).squeeze(1), starts.clamp(0, 1))
+    optimizer = torch.optim.AdamW(refiner.parameters(), lr=2e-3)
+    for _ in range(300):
+        batch, boxes = _squares(32, generator)
+        targets = [DetectionTarget(b.unsqueeze(0), torch.tensor([0]), torch.tensor([0])) for b in boxes]
+        pair_starts, pair_truth = refinement_pairs(boxes.unsqueeze(1), targets)
+        loss = refinement_loss(refiner(batch, pair_starts), pair_truth)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        refined = refiner(images, starts.unsqueeze(1)).squeeze(1)
+    before, after = box_iou(starts, truth).diagonal().mean(), box_iou(refined, truth).diagonal().mean()
+    assert after > before + 0.1, (float(before), float(after))
+
+
+def test_refinement_pairs_take_overlapping_proposals_and_jittered_truth_and_pad_lesion_free_images():
+    from monailabel_evlf.model.detection import refinement_loss, refinement_pairs
+
+    truth = torch.tensor([[0.2, 0.2, 0.4, 0.4]])
+    proposals = torch.tensor(
+        [[[0.21, 0.2, 0.4, 0.41], [0.7, 0.7, 0.8, 0.8]], [[0.1, 0.1, 0.2, 0.2], [0.5, 0.5, 0.6, 0.6]]]
+    )
+    targets = [DetectionTarget(truth, torch.tensor([0]), torch.tensor([0])), DetectionTarget.empty()]
+    starts, ends = refinement_pairs(proposals, targets, jitter=(0.0, 0.0))
+    assert starts.shape == (2, 2, 4)  # image 0: the overlapping proposal and the true box; image 1: padding
+    assert torch.allclose(starts[0], torch.stack([proposals[0, 0], truth[0]]))
+    assert torch.allclose(ends[0], truth.repeat(2, 1)) and not ends[1].any()
+    assert float(refinement_loss(ends, ends)) == pytest.approx(0.0, abs=1e-5)  # padding rows are left out
+    real = refinement_loss(starts[:1], ends[:1])
+    assert float(real) > 0.0 and torch.allclose(refinement_loss(starts, ends), real)
+
+
+def test_a_model_with_a_box_refiner_trains_it_with_the_detector_and_serves_its_boxes(tmp_path):
+    from monailabel_evlf.model.backends.evlf import EVLFBackend
+    from monailabel_evlf.model.modeling_evlf import EVLFForConditionalGeneration
+    from monailabel_evlf.model.tiny import build_tiny_evlf
+
+    tiny = {"image_size": 32, "hidden_size": 32, "num_layers": 1, "dense_channels": (4, 8, 8), "dense_hidden_size": 8}
+    build_tiny_evlf(tmp_path / "m", num_proposals=2, refine_proposals=True, train_encoders=True, **tiny)
+    backend = EVLFBackend.from_pretrained(str(tmp_path / "m"))
+    model = backend.model.model
+    refiner_params = {id(p) for p in model.box_refiner.parameters()}
+    assert refiner_params & {id(p) for p in backend.detector_parameters()}
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[10:14, 20:23] = 220
+    target = DetectionTarget(torch.tensor([[20, 10, 23, 14]]) / 32.0, torch.tensor([0]), torch.tensor([0]))
+    losses = backend.detection_loss([image], [target])
+    assert "refine" in losses and float(losses["refine"]) > 0
+    losses["refine"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.box_refiner.parameters())
+    dense = backend._dense([image])
+    with torch.no_grad():
+        refiner = model.box_refiner
+        model.box_refiner = None
+        plain = model._proposals(dense)
+        model.box_refiner = refiner
+        assert torch.allclose(model._proposals(dense).boxes, plain.boxes)  # zero-initialised: the identity
+        for p in refiner.parameters():  # a refiner that moves the boxes: the proposals the LLM sees move with it
+            p.add_(torch.randn_like(p) * 0.05)
+        refined, _ = model.propose(dense)
+    assert not torch.allclose(refined.boxes, plain.boxes)
+    assert torch.allclose(refined.boxes, refiner(dense, plain.boxes), atol=1e-6)
+    merged = backend.peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "saved")
+    loaded = EVLFForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        again, _ = loaded.model.propose(dense)
+    assert loaded.config.refine_proposals and torch.allclose(again.boxes, refined.boxes, atol=1e-6)

@@ -30,7 +30,8 @@ class EVLFBackend(HFVLMBackend):
 
     def connector_modules(self, model: torch.nn.Module) -> tuple[str, ...]:
         encoders = ("disease_encoder", "pixel_encoder") if model.config.train_encoders else ()
-        return (*self.default_connectors, *encoders)
+        refiner = ("box_refiner",) if model.config.num_proposals and model.config.refine_proposals else ()
+        return (*self.default_connectors, *refiner, *encoders)
 
     @property
     def box_codec(self) -> BoxCodec:
@@ -81,7 +82,7 @@ class EVLFBackend(HFVLMBackend):
     def detector_parameters(self) -> list[torch.nn.Parameter]:
         """The weights that find lesions (pixel encoder + proposal head): what the detection loss trains, and what
         an adapter must carry when corrections teach the model to see something new."""
-        names = ("pixel_encoder.", "pixel_connector.modules_to_save", "pixel_connector.head.")
+        names = ("pixel_encoder.", "pixel_connector.modules_to_save", "pixel_connector.head.", "box_refiner.")
         return [
             p
             for name, p in self.peft_model.named_parameters()
