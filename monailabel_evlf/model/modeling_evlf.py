@@ -161,9 +161,13 @@ class EVLFModel(EVLFPreTrainedModel):
         self.pixel_encoder = AutoModel.from_config(config.pixel_config)
         self.disease_connector = EVLFDiseaseConnector(config)
         self.pixel_connector = EVLFProposalConnector(config) if config.num_proposals else EVLFPixelConnector(config)
-        refine = config.num_proposals and config.refine_proposals
-        self.box_refiner = BoxRefiner(config.pixel_config.num_channels) if refine else None
         self.language_model = AutoModel.from_config(config.text_config)
+        self.box_refiner = None
+        if config.num_proposals and config.refine_proposals:
+            # built on a forked random stream and registered last (weight init runs in registration order), so that
+            # adding a refiner leaves every other weight's random init as it was: a clean comparison of recipes
+            with torch.random.fork_rng():
+                self.box_refiner = BoxRefiner(config.pixel_config.num_channels)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

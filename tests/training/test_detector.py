@@ -151,3 +151,27 @@ def test_translation_moves_boxes_with_the_image_and_keeps_them_inside():
         assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == (shifted.boxes[0] * 20).round().int().tolist()
         shifts.add((int(xs.min()), int(ys.min())))
     assert len(shifts) > 10  # it really moves
+
+
+def test_a_box_refiner_trains_beside_the_detector_without_changing_what_the_detector_learns(tmp_path):
+    """Same seed, same samples: the pixel encoder and proposal head come out the same with and without a refiner
+    (its gradients are clipped on their own), and the refiner itself moved."""
+    from monailabel_evlf.model.backends.evlf import EVLFBackend
+    from monailabel_evlf.model.tiny import build_tiny_evlf
+
+    trained = {}
+    for refine in (False, True):
+        folder = tmp_path / str(refine)
+        build_tiny_evlf(folder, image_size=32, hidden_size=32, num_layers=1, num_proposals=2, refine_proposals=refine,
+                        dense_channels=(8, 16, 16), dense_hidden_size=16, train_encoders=True)  # fmt: skip
+        backend = EVLFBackend.from_pretrained(str(folder))
+        refiner_before = [p.detach().clone() for p in backend.refiner_parameters()]
+        config = DetectorConfig(steps=6, batch_size=8, learning_rate=5e-3, max_grad_norm=0.5, seed=0)
+        train_detector(backend, _square_samples(16, seed=0), config)
+        refiner_ids = {id(p) for p in backend.refiner_parameters()}
+        trained[refine] = [p.detach().clone() for p in backend.detector_parameters() if id(p) not in refiner_ids]
+        assert bool(refiner_before) == refine
+        assert all(not torch.equal(a, b) for a, b in zip(refiner_before, backend.refiner_parameters(), strict=True))
+    assert len(trained[False]) == len(trained[True])
+    for plain, beside in zip(trained[False], trained[True], strict=True):
+        torch.testing.assert_close(plain, beside, rtol=1e-4, atol=1e-5)

@@ -91,6 +91,14 @@ class EVLFBackend(HFVLMBackend):
             and ("pixel_connector" not in name or ".head." in name)
         ]
 
+    def refiner_parameters(self) -> list[torch.nn.Parameter]:
+        """The box refiner's weights among :meth:`detector_parameters` (none for a model without a refiner)."""
+        return [
+            p
+            for name, p in self.peft_model.named_parameters()
+            if "box_refiner." in name and "original_module" not in name
+        ]
+
     def detection_loss(
         self, images: Sequence[np.ndarray], targets: Sequence[DetectionTarget], site_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
