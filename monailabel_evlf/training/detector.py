@@ -147,7 +147,7 @@ def _fit(backend, slices, targets, params, config: DetectorConfig, callback) -> 
     )
     history = []
     # the box refiner's gradients are clipped on their own: in one norm with the proposal head's they would scale
-    # the head's steps down and change what it learns (measured: lower centre peaks, worse diagnosis downstream)
+    # the head's steps down and change what it learns (tests/training/test_detector.py checks it does not)
     refiner = {id(p) for p in backend.refiner_parameters()}
     clip_groups = [
         g for g in ([p for p in params if id(p) not in refiner], [p for p in params if id(p) in refiner]) if g
