@@ -1,7 +1,8 @@
 # Two commands for a new user (see README.md):
 #   make serve   environment + sample studies + MONAI Label server with the EVLF app (offline demo model)
 #   make test    environment + the default test run (what CI runs)
-# The environment is (re)built when setup.cfg or pyproject.toml change.
+# The environment is (re)built when setup.cfg, pyproject.toml or constraints.txt change; constraints.txt holds
+# every package at the version the test run last passed with (`make lock` rewrites it from .venv).
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -14,15 +15,20 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: env sample-data serve test lint format
+.PHONY: env lock sample-data serve test lint format
 
 env: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --editable ".[test]"
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[test]"
 	touch $@
+
+lock: env
+	$(BIN)/python -m pip freeze --exclude-editable > $(VENV)/freeze.txt
+	(sed -n '/^#/p' constraints.txt; cat $(VENV)/freeze.txt) > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 sample-data: $(STUDIES)/.complete
 
