@@ -10,10 +10,11 @@ invent coordinates (measured in ../shared/notes/model-evidence.md: +0.1 Acc@0.5 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -126,6 +127,27 @@ def train_detector(
         for p in trainable_before:
             p.requires_grad_(True)
         backend.eval()
+
+
+@contextlib.contextmanager
+def detector_held(backend) -> Iterator[None]:
+    """The later stages of a round (SFT, GRPO) with the detector that the detector stage just fitted held fixed.
+
+    Why: the detector (pixel encoder, proposal head, box refiner) learns the corrected boxes from its own loss; the
+    answer loss, and GRPO's sampled-reward gradient above all, would otherwise move the proposals' boxes and scores
+    through the region tokens and undo it (measured: docs/training.md, learning loop). The demo build's stage 0b holds
+    it the same way. Its proposals are cached meanwhile, being a pure function of the image.
+    """
+    params = backend.detector_parameters()
+    trainable = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with backend.model.model.frozen_detector():
+            yield
+    finally:
+        for p, flag in zip(params, trainable, strict=True):
+            p.requires_grad_(flag)
 
 
 def native_bf16(device: torch.device) -> bool:

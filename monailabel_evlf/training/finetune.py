@@ -8,6 +8,7 @@ held-out samples (re-measured, since an older version's stored metrics may come 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from monailabel_evlf.model.backend import VLMBackend
 from monailabel_evlf.tasks.rewards import default_reward_functions, format_reward, grounding_reward
 from monailabel_evlf.training.adapters import AdapterRegistry, AdapterVersion
 from monailabel_evlf.training.config import DetectorConfig, GRPOConfig, ProgressCallback, SFTConfig, TRLConfig
-from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
+from monailabel_evlf.training.detector import copy_proposal_targets, detector_held, train_detector
 from monailabel_evlf.training.evaluate import evaluate
 from monailabel_evlf.training.grpo import train_grpo
 from monailabel_evlf.training.samples import TrainingSample
@@ -201,9 +202,12 @@ def finetune_adapter(
     measure = main_process and current is not None
     baseline = evaluate(backend, held_out, max_new_tokens=max_new_tokens).flat() if measure else None
     history: dict[str, list[dict[str, float]]] = {}
-    for stage in stages:
-        logger.info("%s on %d samples", stage.name, len(train_samples))
-        history[stage.name], train_samples = stage.run(backend, train_samples, callback)
+    with contextlib.ExitStack() as held:
+        for stage in stages:
+            logger.info("%s on %d samples", stage.name, len(train_samples))
+            history[stage.name], train_samples = stage.run(backend, train_samples, callback)
+            if stage.name == DetectorStage.name:  # the stages after it train on its proposals, not through them
+                held.enter_context(detector_held(backend))
     if not main_process:
         return None
     metrics = evaluate(backend, held_out, max_new_tokens=max_new_tokens).flat()

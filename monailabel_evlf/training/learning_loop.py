@@ -16,6 +16,7 @@ this module to register the sub-command, and ``evlf --help`` should not load mon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
@@ -94,7 +95,7 @@ def shifted_cases(config: LearningLoopConfig, count: int, seed_offset: int, opti
 def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """The whole benchmark; writes ``learning_loop.json``, ``learning_loop.md`` and ``learning_loop.png``."""
     from monailabel_evlf.imaging.windowing import resolve_window
-    from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
+    from monailabel_evlf.training.detector import copy_proposal_targets, detector_held, train_detector
     from monailabel_evlf.training.evaluate import evaluate
     from monailabel_evlf.training.finetune import grounding_rewards
     from monailabel_evlf.training.grpo import train_grpo
@@ -139,14 +140,16 @@ def run_learning_loop(config: LearningLoopConfig, out_dir: str | Path, *, progre
             started = time.perf_counter()
             callback = _progress(f"{name} {shots}") if progress else None
             spread = None
-            if detector_config is not None:
-                train_detector(backend, train, detector_config, callback=callback)
-                train = copy_proposal_targets(backend, train)
-            if name in ("sft", "sft+grpo"):
-                train_sft(backend, train, sft_config, callback=callback)
-            if name in ("grpo", "sft+grpo"):
-                history = train_grpo(backend, train, grounding_rewards(), grpo_config, callback=callback)
-                spread = sum(h["groups_with_spread"] for h in history) / len(history)
+            with contextlib.ExitStack() as held:
+                if detector_config is not None:
+                    train_detector(backend, train, detector_config, callback=callback)
+                    train = copy_proposal_targets(backend, train)
+                    held.enter_context(detector_held(backend))
+                if name in ("sft", "sft+grpo"):
+                    train_sft(backend, train, sft_config, callback=callback)
+                if name in ("grpo", "sft+grpo"):
+                    history = train_grpo(backend, train, grounding_rewards(), grpo_config, callback=callback)
+                    spread = sum(h["groups_with_spread"] for h in history) / len(history)
             rows.append(measure(name, shots, time.perf_counter() - started, spread))
     backend.load_adapter(None)
     result = {"config": asdict(config), "held_out_samples": len(held_out), "rows": rows}

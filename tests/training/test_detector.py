@@ -175,3 +175,48 @@ def test_a_box_refiner_trains_beside_the_detector_without_changing_what_the_dete
     assert len(trained[False]) == len(trained[True])
     for plain, beside in zip(trained[False], trained[True], strict=True):
         torch.testing.assert_close(plain, beside, rtol=1e-4, atol=1e-5)
+
+
+def test_the_stages_after_the_detector_train_on_its_proposals_without_moving_it(tmp_path):
+    """finetune_adapter: SFT after the detector stage leaves the detector (encoder, head, refiner) as that stage made
+    it and trains the rest; afterwards the detector's weights are trainable again."""
+    from monailabel_evlf.model.backends.evlf import EVLFBackend
+    from monailabel_evlf.model.tiny import build_tiny_evlf
+    from monailabel_evlf.training.adapters import AdapterRegistry
+    from monailabel_evlf.training.config import SFTConfig
+    from monailabel_evlf.training.finetune import DetectorStage, SFTStage, finetune_adapter
+
+    build_tiny_evlf(tmp_path / "model", image_size=32, hidden_size=32, num_layers=1, num_proposals=2,
+                    refine_proposals=True, dense_channels=(8, 16, 16), dense_hidden_size=16,
+                    train_encoders=True)  # fmt: skip
+    backend = EVLFBackend.from_pretrained(str(tmp_path / "model"))
+    seen = {}
+
+    class RecordingDetectorStage(DetectorStage):
+        def run(self, backend, samples, callback):
+            result = super().run(backend, samples, callback)
+            detector = {id(p) for p in backend.detector_parameters()}
+            seen["detector"] = [p.detach().clone() for p in backend.detector_parameters()]
+            others = [p for p in backend.trainable_parameters() if id(p) not in detector]
+            seen["others"] = {id(p): p.detach().clone() for p in others}
+            return result
+
+    class RecordingSFTStage(SFTStage):
+        def run(self, backend, samples, callback):
+            seen["detector trainable during SFT"] = any(p.requires_grad for p in backend.detector_parameters())
+            return super().run(backend, samples, callback)
+
+    stages = [
+        RecordingDetectorStage(DetectorConfig(steps=10, batch_size=8, learning_rate=5e-3, seed=0)),
+        RecordingSFTStage(SFTConfig(epochs=1, batch_size=8, learning_rate=1e-3, seed=0)),
+    ]
+    samples = _square_samples(16, seed=0)
+    finetune_adapter(backend, samples, _square_samples(4, seed=1), AdapterRegistry(tmp_path / "adapters", "m"), stages)
+
+    assert seen["detector trainable during SFT"] is False
+    detector = backend.detector_parameters()
+    assert backend.refiner_parameters() and all(p.requires_grad for p in detector)
+    for before, after in zip(seen["detector"], detector, strict=True):
+        assert torch.equal(before, after)
+    others = [p for p in backend.peft_model.parameters() if id(p) in seen["others"]]
+    assert others and any(not torch.equal(seen["others"][id(p)], p) for p in others)  # the rest did train
