@@ -36,7 +36,7 @@ from monailabel_evlf.training.config import (
     config_from_dict,
     load_training_yaml,
 )
-from monailabel_evlf.training.detector import copy_proposal_targets, train_detector
+from monailabel_evlf.training.detector import copy_proposal_targets, detector_held, train_detector
 from monailabel_evlf.training.evaluate import evaluate
 from monailabel_evlf.training.finetune import default_rewards
 from monailabel_evlf.training.grpo import train_grpo
@@ -194,19 +194,16 @@ def build_demo_model(
     logger.info("demo model: %d training and %d held-out samples", len(train), len(held_out))
 
     timings["samples_s"] = time.perf_counter() - started
-    frozen: set[int] = set()
     if config.detector is not None:
         mark = time.perf_counter()
         train_detector(backend, train, config.detector, callback=callback)
         train = copy_proposal_targets(backend, train)
-        frozen = {id(p) for p in backend.detector_parameters()}
         timings["detector_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
     # Stage 0(b) trains every other weight (module docstring); peft's unused copies of the originals stay frozen
     for name, parameter in backend.peft_model.named_parameters():
-        parameter.requires_grad_(id(parameter) not in frozen and "original_module" not in name)
-    cache = backend.model.model.frozen_detector() if frozen else contextlib.nullcontext()
-    with cache:
+        parameter.requires_grad_("original_module" not in name)
+    with detector_held(backend) if config.detector is not None else contextlib.nullcontext():
         train_sft(backend, train, config.pretrain, callback=callback)
     _save_merged(backend, work / "stage0")
     timings["stage0_s"] = time.perf_counter() - mark

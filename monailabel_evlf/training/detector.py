@@ -135,8 +135,8 @@ def detector_held(backend) -> Iterator[None]:
 
     Why: the detector (pixel encoder, proposal head, box refiner) learns the corrected boxes from its own loss; the
     answer loss, and GRPO's sampled-reward gradient above all, would otherwise move the proposals' boxes and scores
-    through the region tokens and undo it (measured: docs/training.md, learning loop). The demo build's stage 0b holds
-    it the same way. Its proposals are cached meanwhile, being a pure function of the image.
+    through the region tokens and undo it (measured: docs/training.md, learning loop). The demo build's stage 0b uses
+    it too. Its proposals are cached meanwhile, being a pure function of the image.
     """
     params = backend.detector_parameters()
     trainable = [p.requires_grad for p in params]

@@ -122,8 +122,8 @@ def test_corrections_through_the_train_task_make_a_better_promoted_adapter(
     before, after = grounding_acc(None, held_out), grounding_acc(promoted.path, held_out)
     print(f"held-out shifted Acc@0.5: demo model {before:.3f}, promoted adapter {after:.3f} (n={len(held_out)})")
     # measured here (2026-12-07, refiner demo model, 80-90 HU): 0.281 -> 0.562 (48 of the 64 corrections train, the
-    # rest gate; the benchmark's 64-case rows, all 64 training: 0.563-0.609). +0.10 (7 of the 64 held-out samples) asks for a lift well past
-    # noise while leaving room for another CPU's arithmetic to take a different training path
+    # rest gate; the benchmark's 64-case rows, all 64 training: 0.563-0.609). +0.10 (7 of the 64 held-out samples)
+    # asks for a lift well past noise while leaving room for another CPU's arithmetic to take a different training path
     assert after >= before + 0.10
 
 
