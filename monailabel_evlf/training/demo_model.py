@@ -60,6 +60,10 @@ class DemoData:
     tasks: tuple[str, ...] = ("grounding", "diagnosis")
     normal_slices: int = 1
     prompt_variants: int = 10
+    # training slices per lesion: those whose cut is >= this fraction of its largest. Below 0.5 the thin caps at a
+    # lesion's ends are taught too (the 3D box's extent, and complete answers where a cap shares a slice with
+    # another lesion); the held-out slice benchmark always keeps the central slices (0.5), as it was defined
+    train_min_area_fraction: float = 0.5
 
 
 @dataclass
@@ -130,9 +134,16 @@ def normal_studies(data: DemoData) -> list[Any]:
 def phantom_split(data: DemoData, options: Any, split: str, phantoms: list[Any] | None = None) -> list[Any]:
     """Training or held-out samples from in-memory phantoms (:func:`phantom_studies` unless given)."""
     samples = []
+    min_area_fraction = data.train_min_area_fraction if split == "train" else 0.5
     for index, phantom in enumerate(phantoms if phantoms is not None else phantom_studies(data, split)):
         samples += phantom_samples(
-            phantom.image, phantom.affine, phantom.ground_truth, options, normal_slices=data.normal_slices, seed=index
+            phantom.image,
+            phantom.affine,
+            phantom.ground_truth,
+            options,
+            normal_slices=data.normal_slices,
+            min_area_fraction=min_area_fraction,
+            seed=index,
         )
     return samples
 

@@ -174,16 +174,18 @@ def samples_for_volume(
     ``vqa_per_slice`` questions drawn from the slice's ground-truth set (:func:`monailabel_evlf.data.vqa.
     slice_questions`, every VQA-RAD / SLAKE type); otherwise which label is on the slice (closed).
     """
+    # lesion-free slices are drawn away from every slice a lesion crosses, its thin caps included: a cap left out of
+    # the samples below is still a lesion, never a negative
+    display_axis = choose_axis(volume.affine)
+    lesion_slices = {k for f in findings for k in range(int(f.box.lo[display_axis]), int(f.box.hi[display_axis]))}
     findings = _central_slices(findings, min_area_fraction)
     by_slice: dict[tuple[int, int], list[_SliceFinding]] = defaultdict(list)
     for finding in findings:
         by_slice[(finding.axis, int(finding.box.lo[finding.axis]))].append(finding)
     labels = [NORMAL_LABEL, *(options.labels or sorted({f.box.label for f in findings}))]
     rng = np.random.default_rng(seed)
-    display_axis = choose_axis(volume.affine)
     if normal_slices:
         taken = {k for (axis, k) in by_slice if axis == display_axis}
-        lesion_slices = {k for f in findings for k in range(int(f.box.lo[display_axis]), int(f.box.hi[display_axis]))}
         free = [int(k) for k in body_slices(volume, display_axis) if k not in lesion_slices and k not in taken]
         for k in rng.permutation(free)[:normal_slices]:
             by_slice[(display_axis, int(k))] = []

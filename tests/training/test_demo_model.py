@@ -1,4 +1,7 @@
-"""The demo-model recipe: merged checkpoints equal the trained adapter model; number tokens start smooth."""
+"""The demo-model recipe: merged checkpoints equal the trained adapter model; number tokens start smooth; which
+slices train."""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -6,8 +9,16 @@ import torch
 
 from monailabel_evlf.model.backends.evlf import EVLFBackend
 from monailabel_evlf.model.tiny import build_tiny_evlf
+from monailabel_evlf.tasks.box_codec import BoxCodec, BoxConvention
 from monailabel_evlf.training.commands import CONFIG_DIR
-from monailabel_evlf.training.demo_model import _save_merged, load_demo_config, smooth_number_embeddings
+from monailabel_evlf.training.demo_model import (
+    DemoData,
+    _save_merged,
+    load_demo_config,
+    phantom_split,
+    smooth_number_embeddings,
+)
+from monailabel_evlf.training.samples import SampleOptions
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +73,13 @@ def test_demo_config_rejects_unknown_sections(tmp_path):
     (tmp_path / "bad.yaml").write_text("pretrain: {epochs: 1}\nfinetune: {}\n")
     with pytest.raises(ValueError, match="finetune"):
         load_demo_config(tmp_path / "bad.yaml")
+
+
+def test_lesion_caps_join_the_training_slices_only_and_only_on_request():
+    central = DemoData(train_studies=2, held_out_studies=2, seed=3, normal_slices=0)
+    every = replace(central, train_min_area_fraction=0.0)
+    options = SampleOptions(box_codec=BoxCodec(BoxConvention.NORMALIZED_100), size=(32, 32), tasks=("diagnosis",))
+    count = {name: {split: len(phantom_split(data, options, split)) for split in ("train", "held_out")}
+             for name, data in (("central", central), ("every", every))}  # fmt: skip
+    assert count["every"]["train"] > count["central"]["train"] > 0
+    assert count["every"]["held_out"] == count["central"]["held_out"] > 0  # the slice benchmark keeps its slices

@@ -17,6 +17,7 @@ from monailabel_evlf.training.samples import (
     load_samples,
     manifest_samples,
     phantom_samples,
+    samples_for_volume,
 )
 
 NATIVE = BoxCodec(BoxConvention.NORMALIZED_100)
@@ -79,6 +80,24 @@ def test_phantom_samples_tasks_and_labels(phantom):
         assert sample.target.endswith("</answer>") and sample.source["study_id"] == "p3"
         if sample.task == "diagnosis":
             assert sample.options[0] == "normal" and "cyst" in sample.options  # every phantom kind offered
+
+
+def test_lesion_free_slices_never_cut_a_lesion_and_caps_are_taught_on_request():
+    # a lesion crossing slices 3..7: a 3 x 3 cap on 3 and 7, 6 x 6 in between; every other slice is lesion-free
+    array = np.full((24, 24, 12), -1000.0, dtype=np.float32)
+    array[4:20, 4:20, :] = 40.0  # body on every slice
+    cuts = [{"axis": 2, "index": k, "box": [10, 10, 13, 13] if k in (3, 7) else [8, 8, 14, 14]} for k in range(3, 8)]
+    truth = {"lesions": [{"id": 1, "label": "cyst", "organ": "liver", "finding": "Cyst.", "slice_boxes": cuts}]}
+    findings = lesion_findings(truth)
+    volume = Volume(array, np.eye(4), {"modality": "CT"})
+    options = SampleOptions(box_codec=NATIVE, size=(24, 24), tasks=("diagnosis",))
+    for seed in range(8):
+        samples = samples_for_volume(volume, findings, options, normal_slices=6, seed=seed)
+        normal = {s.source["index"] for s in samples if s.label == "normal"}
+        assert len(normal) == 6 and not normal & set(range(3, 8)), (seed, normal)  # caps 3 and 7 are no negatives
+        assert {s.source["index"] for s in samples if s.label == "cyst"} == {4, 5, 6}  # central slices only
+    every = samples_for_volume(volume, findings, options, min_area_fraction=0.0)
+    assert {s.source["index"] for s in every if s.label == "cyst"} == set(range(3, 8))
 
 
 def test_correction_samples_central_slices():
