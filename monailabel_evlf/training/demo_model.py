@@ -40,7 +40,7 @@ from monailabel_evlf.training.detector import copy_proposal_targets, detector_he
 from monailabel_evlf.training.evaluate import evaluate
 from monailabel_evlf.training.finetune import default_rewards
 from monailabel_evlf.training.grpo import train_grpo
-from monailabel_evlf.training.samples import SampleOptions, phantom_samples
+from monailabel_evlf.training.samples import CENTRAL_AREA_FRACTION, SampleOptions, phantom_samples
 from monailabel_evlf.training.sft import train_sft
 from monailabel_evlf.training.study_evaluation import evaluate_studies
 
@@ -62,8 +62,8 @@ class DemoData:
     prompt_variants: int = 10
     # training slices per lesion: those whose cut is >= this fraction of its largest. Below 0.5 the thin caps at a
     # lesion's ends are taught too (the 3D box's extent, and complete answers where a cap shares a slice with
-    # another lesion); the held-out slice benchmark always keeps the central slices (0.5), as it was defined
-    train_min_area_fraction: float = 0.5
+    # another lesion); the held-out slice benchmark always keeps the central slices, as it was defined
+    train_min_area_fraction: float = CENTRAL_AREA_FRACTION
 
 
 @dataclass
@@ -134,7 +134,7 @@ def normal_studies(data: DemoData) -> list[Any]:
 def phantom_split(data: DemoData, options: Any, split: str, phantoms: list[Any] | None = None) -> list[Any]:
     """Training or held-out samples from in-memory phantoms (:func:`phantom_studies` unless given)."""
     samples = []
-    min_area_fraction = data.train_min_area_fraction if split == "train" else 0.5
+    min_area_fraction = data.train_min_area_fraction if split == "train" else CENTRAL_AREA_FRACTION
     for index, phantom in enumerate(phantoms if phantoms is not None else phantom_studies(data, split)):
         samples += phantom_samples(
             phantom.image,

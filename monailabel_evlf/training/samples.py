@@ -141,6 +141,10 @@ def correction_findings(volume: Volume, boxes: Iterable[VoxelBox], slices_per_bo
     return findings
 
 
+# a lesion's central slices: those whose cut is at least this fraction of its largest (thin end caps fall below)
+CENTRAL_AREA_FRACTION = 0.5
+
+
 def _central_slices(findings: Sequence[_SliceFinding], min_area_fraction: float) -> list[_SliceFinding]:
     """Per lesion, keep the slices whose cut is at least ``min_area_fraction`` of its largest (central slices)."""
     if min_area_fraction <= 0:
@@ -161,7 +165,7 @@ def samples_for_volume(
     options: SampleOptions,
     *,
     normal_slices: int = 0,
-    min_area_fraction: float = 0.5,
+    min_area_fraction: float = CENTRAL_AREA_FRACTION,
     seed: int = 0,
     source: dict[str, Any] | None = None,
     ground_truth: dict[str, Any] | None = None,
