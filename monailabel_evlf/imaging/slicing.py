@@ -173,13 +173,24 @@ def _pixel_to_plane(display: _Display, plane_size_hv: tuple[int, int], image_siz
     return to_plane @ unflip @ to_grid
 
 
-def _windowed_channels(
-    volume: Volume, planes: np.ndarray, window: WindowSpec | Sequence[WindowSpec]
-) -> list[np.ndarray]:
-    modality = str(volume.meta.get("modality", "CT"))
-    return [
-        apply_window(planes, window_bounds(volume.array, spec, modality)) for spec in window_channels(window, modality)
-    ]
+def _display_planes(volume: Volume, indices: Sequence[int], axis: int, display: _Display) -> np.ndarray:
+    """``(N, rows, columns)`` float32 cuts of slices ``indices``, transposed and flipped into radiological display."""
+    planes = np.moveaxis(np.take(volume.array, indices, axis=axis), axis, 0)  # (N, n_a, n_b)
+    if display.horizontal_is_a:
+        planes = planes.transpose(0, 2, 1)  # rows follow b, columns follow a
+    if display.flip_horizontal:
+        planes = planes[:, :, ::-1]
+    if display.flip_vertical:
+        planes = planes[:, ::-1, :]
+    return np.ascontiguousarray(planes, dtype=np.float32)
+
+
+def _index_step_toward_patient_positive(affine: np.ndarray, axis: int) -> int:
+    """+1 or -1: the index step along ``axis`` that moves toward the patient's head, back or left (the positive LPS
+    direction closest to the slice normal), so a channel's slice offset means the same whatever the file's order."""
+    _, directions = affine_spacing_and_directions(affine)
+    normal = directions[:, axis]
+    return 1 if normal[int(np.argmax(np.abs(normal)))] > 0 else -1
 
 
 def render_slices(
@@ -193,8 +204,10 @@ def render_slices(
     """Render slices as RGB uint8 pictures of ``size`` ``(width, height)`` in radiological display.
 
     ``window``: one window (grey picture; see :func:`windowing.parse_window`) or three (one per RGB channel, e.g.
-    ``["lung", "soft_tissue", "bone"]`` or ``"lung/soft_tissue/bone"``). All slices are cut, windowed and resized
-    as one batch.
+    ``["lung", "soft_tissue", "bone"]`` or ``"lung/soft_tissue/bone"``). A channel ``"liver@1"`` shows the slice
+    one step toward the patient's head (axial), back (coronal) or left (sagittal) of the rendered one, in patient
+    terms whatever the file's index order; past the volume's ends the edge slice repeats. All slices are cut,
+    windowed and resized as one batch.
     Resizing is bilinear with pixel centres at ``x + 0.5`` (anti-aliased when shrinking), consistent with the
     edge coordinates of ``pixel_to_plane``. ``size=None`` keeps the grid with square pixels in mm.
     """
@@ -205,23 +218,24 @@ def render_slices(
     if min(indices) < 0 or max(indices) >= volume.shape[axis]:
         raise ValueError(f"slice indices must lie in 0..{volume.shape[axis] - 1} along axis {axis}, got {indices}")
     display = _display(volume.affine, axis)
-    planes = np.moveaxis(np.take(volume.array, indices, axis=axis), axis, 0)  # (N, n_a, n_b)
-    if display.horizontal_is_a:
-        planes = planes.transpose(0, 2, 1)  # rows follow b, columns follow a
-    if display.flip_horizontal:
-        planes = planes[:, :, ::-1]
-    if display.flip_vertical:
-        planes = planes[:, ::-1, :]
-    n_v, n_h = planes.shape[1:]
+    modality = str(volume.meta.get("modality", "CT"))
+    channels = window_channels(window, modality)
+    step, last = _index_step_toward_patient_positive(volume.affine, axis), volume.shape[axis] - 1
+    planes = {
+        offset: _display_planes(volume, [min(max(k + step * offset, 0), last) for k in indices], axis, display)
+        for offset in dict.fromkeys(channel.offset for channel in channels)
+    }
+    n_v, n_h = planes[channels[0].offset].shape[1:]
     width, height = _default_size(volume, axis, display) if size is None else (int(size[0]), int(size[1]))
     if width < 1 or height < 1:
         raise ValueError(f"rendered size must be positive (width, height), got {size}")
     resize = Resize(spatial_size=(height, width), mode="bilinear", align_corners=False, anti_aliasing=True)
-    channels = []
-    for windowed in _windowed_channels(volume, np.ascontiguousarray(planes, dtype=np.float32), window):
+    pictures = []
+    for channel in channels:
+        windowed = apply_window(planes[channel.offset], window_bounds(volume.array, channel.window, modality))
         resized = windowed if (n_v, n_h) == (height, width) else np.asarray(resize(windowed))
-        channels.append(np.clip(np.rint(resized * 255.0), 0, 255).astype(np.uint8))
-    images = np.stack(channels * 3 if len(channels) == 1 else channels, axis=-1)  # (N, H, W, 3)
+        pictures.append(np.clip(np.rint(resized * 255.0), 0, 255).astype(np.uint8))
+    images = np.stack(pictures * 3 if len(pictures) == 1 else pictures, axis=-1)  # (N, H, W, 3)
     pixel_to_plane = _pixel_to_plane(display, (n_h, n_v), (width, height))
     return [
         RenderedSlice(image=image, axis=axis, index=k, pixel_to_plane=pixel_to_plane.copy())

@@ -15,6 +15,7 @@ from monai.transforms import ScaleIntensityRange
 
 __all__ = [
     "CT_WINDOWS",
+    "Channel",
     "PercentileWindow",
     "Window",
     "apply_window",
@@ -56,6 +57,19 @@ CT_WINDOWS: dict[str, Window] = {
 
 WindowSpec = str | Window | PercentileWindow | tuple[float, float]
 CHANNEL_SEPARATOR = "/"  # "abdomen/liver/40,80": one window per RGB channel
+OFFSET_SEPARATOR = "@"  # "liver@-1/liver/liver@1": each channel's slice, counted from the rendered one
+
+
+class Channel(NamedTuple):
+    """One picture channel: its window, and the slice it shows, ``offset`` slices from the rendered one toward the
+    patient's head for axial cuts (``slicing.render_slices`` says which way for the others). Neighbouring slices
+    as channels (2.5D input, as in DeepLesion's 3DCE) let a 2D model tell a lesion two voxels wide, present above
+    and below, from noise on one slice."""
+
+    window: WindowSpec
+    offset: int = 0
+
+
 MODEL_WINDOW = "model"  # "the window the model was trained with" (a model records it; see resolve_window)
 FALLBACK_WINDOW = "abdomen"  # for models that record none (any Hugging Face VLM)
 
@@ -66,21 +80,35 @@ def resolve_window(spec: str, model_window: str | None) -> str:
     return (model_window or FALLBACK_WINDOW) if spec == MODEL_WINDOW else spec
 
 
-def window_channels(spec: WindowSpec | Sequence[WindowSpec], modality: str = "CT") -> list[WindowSpec]:
-    """The window of each picture channel: one (a grey picture) or three (RGB), each checked by
+def window_channels(spec: WindowSpec | Sequence[WindowSpec | Channel], modality: str = "CT") -> list[Channel]:
+    """The :class:`Channel` of each picture channel: one (a grey picture) or three (RGB), each window checked by
     :func:`parse_window`. Three windows let a model see subtle contrast (a narrow window) and the whole soft-tissue
-    range at once, as multi-window CT inputs do; a string names them ``"abdomen/liver/40,80"``."""
+    range at once, as multi-window CT inputs do; a string names them ``"abdomen/liver/40,80"``, and a channel
+    written ``"liver@1"`` shows the next slice toward the head in the liver window."""
     if isinstance(spec, str):
-        parts = [part.strip() for part in spec.split(CHANNEL_SEPARATOR)]
+        parts: list[WindowSpec] = [part.strip() for part in spec.split(CHANNEL_SEPARATOR)]
     elif isinstance(spec, list | tuple) and len(spec) == 3:
         parts = list(spec)
     else:
         parts = [spec]
     if len(parts) not in (1, 3):
         raise ValueError(f"give one window or three (one per RGB channel, '/'-separated), got {spec!r}")
-    for part in parts:
-        parse_window(part, modality)
-    return parts
+    channels = [_channel(part) for part in parts]
+    for channel in channels:
+        parse_window(channel.window, modality)
+    return channels
+
+
+def _channel(part: WindowSpec | Channel) -> Channel:
+    if isinstance(part, Channel):
+        return part
+    if not isinstance(part, str) or OFFSET_SEPARATOR not in part:
+        return Channel(part)
+    window, offset = part.split(OFFSET_SEPARATOR, 1)
+    try:
+        return Channel(window.strip(), int(offset))
+    except ValueError:
+        raise ValueError(f"channel {part!r}: the slice offset after '@' must be a whole number of slices") from None
 
 
 def parse_window(spec: WindowSpec, modality: str = "CT") -> Window | PercentileWindow:

@@ -28,18 +28,34 @@ SIZE_BINS_PX = ((0, 4), (4, 8), (8, 16), (16, 10_000))  # the true box's longer 
 
 
 def score_proposals(backend: Any, slices: Sequence[Any], batch_size: int = 32) -> dict[str, Any]:
-    """Top-1 / best-of-K proposal IoU with every true box of ``slices`` (lesion-free slices have none)."""
+    """Top-1 / best-of-K proposal IoU with every true box of ``slices``, and how well the top-1 proposal's score
+    tells a slice whose top-1 hits a lesion (IoU >= 0.5) from a lesion-free slice (AUROC): what a false box on a
+    normal slice would score against a true one."""
     from monailabel_evlf.imaging.geometry import box_iou_2d
+    from monailabel_evlf.training.study_evaluation import box_auroc
 
     rows = []  # (longer side px, top-1 IoU, best IoU)
+    hit_scores, lesion_free_scores = [], []  # top-1 scores
+    lesion_free = 0
     for start in range(0, len(slices), batch_size):
-        chunk = [s for s in slices[start : start + batch_size] if s.boxes]
+        chunk = slices[start : start + batch_size]
         for sample, proposals in zip(chunk, backend.propose([s.image for s in chunk]), strict=True):
+            top = proposals[0] if proposals else None
+            if not sample.boxes:
+                lesion_free += 1
+                if top is not None and top.score is not None:
+                    lesion_free_scores.append(top.score)
+                continue
             for truth in sample.boxes:
                 ious = [float(box_iou_2d(truth, p)) for p in proposals] or [0.0]
                 rows.append((max(truth.x2 - truth.x1, truth.y2 - truth.y1), ious[0], max(ious)))
+            if top is not None and top.score is not None and any(box_iou_2d(t, top) >= 0.5 for t in sample.boxes):
+                hit_scores.append(top.score)
     table = np.array(rows).reshape(-1, 3)
-    report: dict[str, Any] = {"n": len(table)}
+    report: dict[str, Any] = {"n": len(table), "lesion_free_slices": lesion_free}
+    if hit_scores and lesion_free_scores:
+        scores = hit_scores + lesion_free_scores
+        report["top1_score_auroc"] = box_auroc(scores, [True] * len(hit_scores) + [False] * len(lesion_free_scores))
     if not len(table):
         return report
     report.update(

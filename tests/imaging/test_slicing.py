@@ -125,6 +125,29 @@ def test_three_windows_fill_three_channels() -> None:
     assert np.array_equal(same, image)
 
 
+@pytest.mark.parametrize("name", AFFINES, ids=list(AFFINES))
+def test_slice_offset_channels_show_the_neighbours_toward_head_and_feet(name: str) -> None:
+    """``window@offset`` counts slices in patient terms: +1 is the neighbour toward the head whatever the index
+    order (the "feet first" and permuted affines run the other way or along another axis)."""
+    affine = AFFINES[name]
+    axis = choose_axis(affine)
+    step = np.zeros(3)
+    step[axis] = 1.0
+    toward_head = 1 if (affine[:3, :3] @ step)[2] > 0 else -1  # the LPS S coordinate grows with the index
+    volume = Volume(np.random.default_rng(1).uniform(0, 200, SHAPE).astype(np.float32), affine, {"modality": "CT"})
+    middle = SHAPE[axis] // 2
+    image = render_slice(volume, middle, window="100,200@-1/100,200/100,200@1", size=(48, 48)).image
+    for channel, index in enumerate((middle - toward_head, middle, middle + toward_head)):
+        alone = render_slice(volume, index, window="100,200", size=(48, 48)).image[:, :, 0]
+        np.testing.assert_array_equal(image[:, :, channel], alone)
+
+
+def test_slice_offset_past_the_volume_end_repeats_the_edge_slice() -> None:
+    volume = Volume(np.arange(4, dtype=np.float32).reshape(1, 1, 4).repeat(2, 0).repeat(2, 1), np.eye(4))
+    image = render_slice(volume, 0, window="1.5,3@-1/1.5,3/1.5,3@2").image  # slices -1 (none), 0 and 2
+    assert tuple(image[0, 0]) == (0, 0, 170)
+
+
 def test_batch_rendering_matches_one_by_one() -> None:
     rng = np.random.default_rng(0)
     volume = Volume(rng.normal(0, 200, (30, 20, 6)).astype(np.float32), AFFINES["RAS-stored NIfTI (i to R, j to A)"])

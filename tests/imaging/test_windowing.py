@@ -9,6 +9,7 @@ from monailabel_evlf.imaging.windowing import (
     CT_WINDOWS,
     FALLBACK_WINDOW,
     MODEL_WINDOW,
+    Channel,
     PercentileWindow,
     Window,
     apply_window,
@@ -74,13 +75,27 @@ def test_constant_image_gives_a_valid_window_not_nan() -> None:
 
 
 def test_three_windows_one_per_channel_from_a_string_or_a_list() -> None:
-    assert window_channels("abdomen/liver/40,80") == ["abdomen", "liver", "40,80"]
-    assert window_channels(["lung", "soft_tissue", "bone"]) == ["lung", "soft_tissue", "bone"]
-    assert window_channels("liver") == ["liver"] and window_channels((50, 350)) == [(50, 350)]
+    assert window_channels("abdomen/liver/40,80") == [Channel("abdomen"), Channel("liver"), Channel("40,80")]
+    assert [c.window for c in window_channels(["lung", "soft_tissue", "bone"])] == ["lung", "soft_tissue", "bone"]
+    assert window_channels("liver") == [Channel("liver", 0)] and window_channels((50, 350)) == [Channel((50, 350))]
+
+
+def test_a_channel_may_show_a_neighbouring_slice() -> None:
+    assert window_channels("liver@-1/liver/ liver @ 2") == [
+        Channel("liver", -1),
+        Channel("liver", 0),
+        Channel("liver", 2),
+    ]
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"), [("abdomen/liver", "one window or three"), ("abdomen/liver/nope", "unknown window")]
+    ("spec", "message"),
+    [
+        ("abdomen/liver", "one window or three"),
+        ("abdomen/liver/nope", "unknown window"),
+        ("liver@up/liver/liver", "whole number of slices"),
+        ("liver@1.5/liver/liver", "whole number of slices"),
+    ],
 )
 def test_bad_channel_windows_raise(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
