@@ -75,6 +75,19 @@ def test_demo_config_rejects_unknown_sections(tmp_path):
         load_demo_config(tmp_path / "bad.yaml")
 
 
+def test_answers_with_several_boxes_are_repeated_in_training_only_and_only_on_request():
+    once = DemoData(train_studies=4, held_out_studies=4, seed=0, normal_slices=0)  # train_003 has two-box slices
+    thrice = replace(once, multi_box_repeat=3)
+    options = SampleOptions(box_codec=BoxCodec(BoxConvention.NORMALIZED_100), size=(32, 32), tasks=("grounding",))
+    base, repeated = phantom_split(once, options, "train"), phantom_split(thrice, options, "train")
+    multi = [s for s in base if len(s.boxes) > 1]
+    assert multi and len(repeated) == len(base) + 2 * len(multi)
+    assert all(len(s.boxes) > 1 for s in repeated[len(base) :])
+    assert len(phantom_split(thrice, options, "held_out")) == len(phantom_split(once, options, "held_out"))
+    with pytest.raises(ValueError, match="multi_box_repeat"):
+        DemoData(multi_box_repeat=0)
+
+
 def test_lesion_caps_join_the_training_slices_only_and_only_on_request():
     central = DemoData(train_studies=2, held_out_studies=2, seed=3, normal_slices=0)
     every = replace(central, train_min_area_fraction=0.0)
